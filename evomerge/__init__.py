@@ -1,0 +1,3 @@
+"""evomerge: find the best merge of LLM checkpoints automatically."""
+
+__version__ = "0.1.0"

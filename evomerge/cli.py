@@ -1,0 +1,149 @@
+"""Command line: `evomerge <command>`. Each command's implementation is imported lazily.
+
+Exit codes: 0 success, 2 bad input (ConfigError: one line, no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from evomerge import __version__
+
+# command -> "module:function"; the function takes the parsed argparse.Namespace, returns an exit code
+COMMANDS: dict[str, str] = {
+    "merge": "evomerge.merge.engine:cli_merge",
+    "search": "evomerge.loop:cli_search",
+    "status": "evomerge.loop:cli_status",
+    "export": "evomerge.export:cli_export",
+    "eval": "evomerge.eval.cli:cli_eval",
+    "leaderboard": "evomerge.eval.leaderboard:cli_leaderboard",
+    "zoo": "evomerge.zoo:cli_zoo",
+    "demo": "evomerge.demo:cli_demo",
+    "moe": "evomerge.moe:cli_moe",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Find the best merge of LLM checkpoints: search, merge, evaluate, export.",
+    )
+    p.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("merge", help="merge a (mergekit-style) recipe YAML into OUT_DIR")
+    m.add_argument("recipe", metavar="RECIPE.yaml")
+    m.add_argument("out_dir", metavar="OUT_DIR")
+    m.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    m.add_argument("--seed", type=int, default=None, help="random_seed for DARE/DELLA draws")
+    m.add_argument("--allow-pickle", action="store_true", help="allow .bin pickles (runs code!)")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    m.add_argument("--shard-size", default="5GB", help="max shard size (default: 5GB)")
+    m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    s = sub.add_parser("search", help="run (or resume) an Optuna study over merge recipes")
+    s.add_argument("space", metavar="SPACE.yaml")
+    s.add_argument("--study", default=None, help="study name (default: the space file's stem)")
+    s.add_argument("--n-trials", type=int, default=None)
+    s.add_argument("--timeout", type=float, default=None, help="seconds")
+    s.add_argument("--storage", default=None, help="Optuna storage URL (default: results/NAME/)")
+    s.add_argument(
+        "--sampler", default=None, choices=["tpe", "cmaes", "gp", "nsga2", "qmc", "dirichlet"]
+    )
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--results", default="results", help="results folder (default: results)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the space's or auto)")
+    s.add_argument("--backend", default=None, choices=["hf", "vllm"])
+    s.add_argument("--no-prune", action="store_true", help="evaluate every trial on all chunks")
+
+    st = sub.add_parser("status", help="leaderboard of a study's trials so far")
+    st.add_argument("study_dir", metavar="results/NAME")
+    st.add_argument("--storage", default=None)
+    st.add_argument("--top", type=int, default=20)
+
+    e = sub.add_parser("export", help="export a trial as recipe, checkpoint, card and plots")
+    e.add_argument("study_dir", metavar="results/NAME")
+    e.add_argument("--trial", type=int, default=None, help="trial number (default: best held-out)")
+    e.add_argument("--out", default=None, help="output folder (default: results/NAME/export)")
+    e.add_argument("--storage", default=None)
+    e.add_argument("--no-checkpoint", action="store_true", help="skip writing merged weights")
+    e.add_argument("--push-to-hub", default=None, metavar="REPO")
+
+    ev = sub.add_parser("eval", help="proxy-style evaluation of one model")
+    ev.add_argument("model_dir", metavar="MODEL_DIR")
+    ev.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--split", default="heldout", choices=["search", "heldout", "all"])
+    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--batch-size", type=int, default=64)
+
+    lb = sub.add_parser("leaderboard", help="full lm-eval suite on a model, into its card")
+    lb.add_argument("model_dir", metavar="MODEL_DIR")
+    lb.add_argument("--tasks", default="leaderboard")
+    lb.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    lb.add_argument("--limit", type=int, default=None)
+    lb.add_argument("--device", default=None)
+
+    z = sub.add_parser("zoo", help="build the tiny offline model zoo (idempotent)")
+    z.add_argument("--out", default="zoo", help="output folder (default: zoo)")
+    z.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="zoo + search + export + card, on CPU, in minutes")
+    d.add_argument("--results", default="results")
+    d.add_argument("--zoo", default="zoo")
+    d.add_argument("--n-trials", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+
+    mo = sub.add_parser("moe", help="build a mixture-of-experts model from dense experts")
+    mo.add_argument("config", metavar="CONFIG.yaml")
+    mo.add_argument("out_dir", metavar="OUT_DIR")
+    mo.add_argument("--device", default="cpu")
+    return p
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int] | None:
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    return getattr(module, func_name, None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from evomerge.errors import ConfigError, EvomergeError
+
+    args = build_parser().parse_args(argv)
+    func = _resolve(COMMANDS[args.command])
+    if func is None:
+        print(f"evomerge {args.command}: not built yet", file=sys.stderr)
+        return 1
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EvomergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected bug: a traceback only when asked for
+        if os.environ.get("EVOMERGE_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set EVOMERGE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The one registry of merge methods: each method is a pure tensor function plus declared parameters.
+
+Everything else (recipe validation, search spaces, model cards) reads these declarations;
+nothing re-declares a method's parameters. This module is pure Python (no torch import) so
+that recipe validation and `evomerge --help` stay fast; the tensor functions are registered
+by `evomerge.merge.methods` (imported lazily by `get_method`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from evomerge.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+
+Scalar = float | int | bool | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method, declared once.
+
+    `scope="model"` parameters live under `models[i].parameters` (one value per input model,
+    e.g. weight, density); `scope="global"` ones under the top-level `parameters` (t, lambda,
+    normalize). Either kind may also be given at the other level as a default, as mergekit allows.
+    Bounds are checked at load time; `low_open`/`high_open` make a bound exclusive.
+    `search_low`/`search_high` are the default bounds a search space uses for this parameter.
+    """
+
+    name: str
+    kind: Literal["float", "int", "bool", "str"]
+    scope: Literal["model", "global"]
+    default: Scalar | None
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    required: bool = False
+    search_low: float | None = None
+    search_high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise ConfigError naming `where` if `value` is of the wrong kind or out of bounds."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: '{self.name}' must be true or false, but got {value!r}")
+            return
+        if self.kind == "str":
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise ConfigError(
+                    f"{where}: '{self.name}' must be one of {list(self.choices)}, but got {value!r}"
+                )
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{self.name}' must be a number, but got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: '{self.name}' must be finite, but got {value!r}")
+        if self.kind == "int" and int(value) != value:
+            raise ConfigError(f"{where}: '{self.name}' must be an integer, but got {value!r}")
+        lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        hi_bad = self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        )
+        if lo_bad or hi_bad:
+            lo = "-inf" if self.low is None else f"{self.low}"
+            hi = "inf" if self.high is None else f"{self.high}"
+            interval = f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+            raise ConfigError(f"{where}: '{self.name}' must be in {interval}, but got {value!r}")
+
+
+@dataclass
+class MergeInputs:
+    """What a method's tensor function receives for one output tensor (all float32, one device).
+
+    models: every entry of the recipe's `models:` list in order, stacked   # (n, *shape)
+    base: the base_model's tensor, or None; when the base is also listed in `models:`,
+          base_index is its row in `models`.
+    model_params: per-model parameters resolved for this tensor            # each (n,)
+    params: global parameters resolved for this tensor (after defaults)
+    seed: random_seed of the recipe; random methods key their draws by (seed, tensor_name)
+    """
+
+    tensor_name: str
+    models: torch.Tensor
+    base: torch.Tensor | None
+    base_index: int | None
+    model_params: dict[str, torch.Tensor]
+    params: dict[str, Scalar]
+    seed: int
+
+
+MergeFn = Callable[[MergeInputs], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its parameters, its constraints and its tensor function."""
+
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    doc: str
+    reference: str = ""
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False  # uses random draws (DARE, DELLA): seeded by (random_seed, tensor name)
+    task_vectors: bool = False  # works on deltas against the base (cacheable per search)
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"merge method '{method.name}' registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def _ensure_loaded() -> None:
+    if not METHODS:
+        import evomerge.merge.methods  # noqa: F401  (registers every method)
+
+
+def method_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; ConfigError with "did you mean" otherwise."""
+    _ensure_loaded()
+    if name in METHODS:
+        return METHODS[name]
+    raise ConfigError(did_you_mean(name, METHODS, "merge method"))
