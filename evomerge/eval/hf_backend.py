@@ -1,0 +1,274 @@
+"""HFBackend: a transformers causal LM loaded once, scored the way lm-eval's HFLM scores.
+
+Tokenization follows HFLM exactly (trailing context spaces move to the continuation, the
+whole string is encoded and split, BOS handling, left truncation to the model's max length),
+so scores equal lm-eval's. Speed comes from what a candidate loop can reuse: encodings are
+cached per string, identical model inputs run once, log-probs are computed only at the
+continuation positions, and generation is a plain greedy loop over a KV cache that drops
+finished rows instead of padding them to the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.errors import CandidateError, ConfigError, did_you_mean
+from evomerge.eval.backends import GenerationSpec
+from evomerge.eval.hf_generate import greedy_generate
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+_DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
+_TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656
+
+
+class HFBackend:
+    """A transformers model on one device. Use `HFBackend(dir)` or `HFBackend.from_model(...)`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
+        max_length: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"expected a model folder with config.json, got '{model_dir}'")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = _resolve_dtype(dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            ).to(device)
+        except torch.OutOfMemoryError as exc:
+            raise CandidateError(f"out of memory loading '{model_dir}' on {device}") from exc
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self.name = path.as_posix()
+
+    @classmethod
+    def from_model(
+        cls, model: Any, tokenizer: Any, *, batch_size: int = 64, max_length: int | None = None
+    ) -> HFBackend:
+        """Wrap an already loaded model (shared, not copied: in-place writes reach it)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None):
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.max_length = max_length or _model_max_length(model.config, tokenizer)
+        # lm-eval conditions an empty context on BOS, else EOS
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.prefix_token_id = bos if bos is not None else eos
+        self._prefix_str = (
+            tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = next(
+            t for t in (tokenizer.pad_token_id, eos, 0) if t is not None
+        )  # any id: padded positions are masked (generate) or after the scored ones (ll)
+        self.logits_to_keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._enc_cache: dict[str, list[int]] = {}
+        self._live: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ weights
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        if self._live is None:
+            live, seen = {}, set()
+            for name, t in self.model.state_dict().items():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if key not in seen:  # tied weights: keep the first name (the embedding)
+                    seen.add(key)
+                    live[name] = t
+            self._live = live
+        return self._live
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        live = self.live_tensors()
+        everything = None
+        for name, value in tensors:
+            dst = live.get(name)
+            if dst is None:  # the second name of a tied pair is accepted too
+                everything = everything or self.model.state_dict()
+                dst = everything.get(name)
+            if dst is None:
+                raise ConfigError(did_you_mean(name, live, "tensor name in the live model"))
+            if tuple(dst.shape) != tuple(value.shape):
+                raise ConfigError(
+                    f"tensor '{name}': expected shape {tuple(dst.shape)}, got {tuple(value.shape)}"
+                )
+            dst.copy_(value)
+        # nothing else to reset: no logits or KV cache outlive a call; encodings do not
+        # depend on the weights
+
+    # ------------------------------------------------------------------ tokenization
+    def _encode(self, text: str) -> list[int]:
+        """HFLM.tok_encode: the tokenizer's default special tokens, unless BOS is already there."""
+        ids = self._enc_cache.get(text)
+        if ids is None:
+            kw = {}
+            if self._prefix_str and text.startswith(self._prefix_str):
+                kw["add_special_tokens"] = False
+            ids = self._enc_cache[text] = list(self.tokenizer.encode(text, **kw))
+        return ids
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's TemplateLM._encode_pair (+ the empty-context rule of loglikelihood)."""
+        if context == "":
+            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        return ctx, whole[len(ctx) :]
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt=True):
+        """Same call as lm-eval's HFLM.apply_chat_template (used by ProxyTask)."""
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name.replace("/", "__")
+
+    # ------------------------------------------------------------------ log-likelihood
+    @torch.no_grad()
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        # identical model inputs (e.g. the choices of a multiple-choice question whose
+        # answers are one token) share one forward pass, as lm-eval's logits cache does
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, (ctx, cont) in enumerate(requests):
+            ctx_ids, cont_ids = self._encode_pair(ctx, cont)
+            if not cont_ids:
+                raise ConfigError(f"empty continuation after tokenization: {cont!r}")
+            whole = (ctx_ids + cont_ids)[-(self.max_length + 1) :]
+            groups[tuple(whole[:-1])].append((i, cont_ids))
+        inputs = sorted(groups, key=lambda t: (-len(t), t))  # long first, like lm-eval
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for start in range(0, len(inputs), self.batch_size):
+            batch = inputs[start : start + self.batch_size]
+            for inp, logprobs in zip(batch, self._score_batch(batch, groups), strict=True):
+                for i, cont_ids in groups[inp]:
+                    lp = logprobs[-len(cont_ids) :]  # (n_cont, vocab)
+                    target = torch.tensor(cont_ids, device=lp.device)
+                    greedy = bool((lp.argmax(-1) == target).all())
+                    out[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
+        return out
+
+    def _score_batch(self, batch, groups) -> Iterator[torch.Tensor]:
+        """Yield (n_kept, vocab) float32 log-probs per input: its last n_kept positions."""
+        width = len(batch[0])
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        keep = torch.zeros((len(batch), width), dtype=torch.bool)
+        n_keep = []
+        for r, inp in enumerate(batch):
+            # right padding needs no attention mask: a causal model never looks ahead
+            ids[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            n = max(len(c) for _, c in groups[inp])
+            keep[r, len(inp) - n : len(inp)] = True
+            n_keep.append(n)
+        ids = ids.to(self.device)
+        if self.logits_to_keep_ok:
+            logits = self._forward(ids, logits_to_keep=keep.to(self.device))  # (sum n, vocab)
+        else:
+            logits = self._forward(ids)[keep.to(self.device)]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if not torch.isfinite(logprobs).all():
+            raise CandidateError("the model produced NaN/inf logits")
+        yield from torch.split(logprobs, n_keep)
+
+    def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+        try:
+            return self.model(input_ids=ids, use_cache=False, **kw).logits
+        except torch.OutOfMemoryError as exc:
+            raise CandidateError(f"out of memory on a batch of {tuple(ids.shape)}") from exc
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, requests: Sequence[tuple[str, GenerationSpec]]) -> list[str]:
+        by_spec: dict[GenerationSpec, list[int]] = defaultdict(list)
+        for i, (_, spec) in enumerate(requests):
+            by_spec[spec].append(i)
+        out = [""] * len(requests)
+        for spec, idx in by_spec.items():
+            if spec.do_sample and spec.temperature > 0:
+                raise ConfigError("proxy evaluation generates greedily; got do_sample: true")
+            max_ctx = self.max_length - spec.max_gen_toks
+            if max_ctx <= 0:
+                raise ConfigError(
+                    f"max_gen_toks ({spec.max_gen_toks}) must be below the model's maximum "
+                    f"length ({self.max_length})"
+                )
+            prompts = {i: self._encode(requests[i][0])[-max_ctx:] for i in idx}
+            order = sorted(idx, key=lambda i: (-len(prompts[i]), requests[i][0]))
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                texts = greedy_generate(self, [prompts[i] for i in rows], spec)
+                for i, text in zip(rows, texts, strict=True):
+                    out[i] = text
+        return out
+
+
+def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        # bf16 matmuls are orders of magnitude slower on CPUs without bf16 units
+        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ConfigError(did_you_mean(dtype, [*_DTYPES, "auto"], "dtype"))
+    return _DTYPES[dtype]
+
+
+def _model_max_length(config: Any, tokenizer: Any) -> int:
+    """lm-eval's resolve_max_length: config length fields, then the tokenizer's, then 2048."""
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != _TOKENIZER_INFINITY:
+        return int(limit)
+    return _DEFAULT_MAX_LENGTH
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Ids that end a generation, as transformers' generate() takes them."""
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

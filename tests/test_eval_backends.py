@@ -1,0 +1,139 @@
+"""HFBackend: log-likelihoods and greedy generation against naive hand-rolled references,
+live weights (in-place writes, load_weights), and error handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_eval_support import build_tiny_model
+
+from evomerge.errors import CandidateError, ConfigError
+from evomerge.eval.backends import GenerationSpec, load_backend
+from evomerge.eval.hf_backend import HFBackend
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def backend(model_dir):
+    return HFBackend(model_dir, device="cpu", batch_size=3)
+
+
+def naive_loglikelihood(be, ctx, cont):
+    """One request, no batching: full forward, log-softmax, sum over continuation tokens."""
+    ids_ctx, ids_cont = be._encode_pair(ctx, cont)
+    ids = torch.tensor([ids_ctx + ids_cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(be.model(ids).logits[0].float(), -1)
+    n = len(ids_cont)
+    rows = logp[-n - 1 : -1]
+    target = torch.tensor(ids_cont)
+    return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def naive_generate(be, ctx, until, max_new):
+    ids = be._encode(ctx)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            t = int(be.model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if t in be.eos_ids:
+                break
+            out.append(t)
+    text = be.tokenizer.decode(out, skip_special_tokens=True)
+    for s in until:
+        text = text.split(s)[0]
+    return text
+
+
+def test_tokenizer_encodes_characters(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.encode("add 3+4=")
+    assert ids[0] == tok.bos_token_id and len(ids) == 9  # BOS + one id per character
+    assert tok.decode(ids, skip_special_tokens=True) == "add 3+4="
+
+
+REQS = [
+    ("add 3+4=", "7"),
+    ("add 3+4= ", "7"),  # trailing space moves into the continuation
+    ("rev abc=", "cba"),
+    ("q1: pick?", " dog"),
+    ("q1: pick?", " do"),
+    ("q1: pick? d", "o"),  # same model input as the line above: one shared forward pass
+    ("", "hello"),  # empty context: conditioned on BOS
+]
+
+
+def test_loglikelihood_matches_naive_reference(backend):
+    got = backend.loglikelihood(REQS)
+    for (ctx, cont), (ll, greedy) in zip(REQS, got, strict=True):
+        ref_ll, ref_greedy = naive_loglikelihood(backend, ctx, cont)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+    assert backend._encode_pair("add 3+4= ", "7")[1] == backend._encode(" 7")[1:]
+
+
+def test_batch_size_does_not_change_results(model_dir):
+    one = HFBackend(model_dir, batch_size=1)
+    many = HFBackend(model_dir, batch_size=64)
+    for a, b in zip(one.loglikelihood(REQS), many.loglikelihood(REQS), strict=True):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+    spec = GenerationSpec(until=("\n", "="), max_gen_toks=7)
+    prompts = [(p, spec) for p in ["add 1+2=", "rev hello=", "cap X=", "a"]]
+    assert one.generate(prompts) == many.generate(prompts)
+
+
+def test_generation_matches_naive_greedy(backend):
+    specs = [
+        GenerationSpec(until=("\n",), max_gen_toks=6),
+        GenerationSpec(until=("a", "e"), max_gen_toks=9),
+    ]
+    reqs = [(p, s) for s in specs for p in ["add 12+30=", "rev abcdef=", "x", "cap Velmora="]]
+    got = backend.generate(reqs)
+    for (ctx, spec), text in zip(reqs, got, strict=True):
+        assert text == naive_generate(backend, ctx, spec.until, spec.max_gen_toks)
+    assert any(len(t) > 0 for t in got)
+
+
+def test_live_tensors_tied_once_and_writes_take_effect(backend):
+    live = backend.live_tensors()
+    assert "model.embed_tokens.weight" in live and "lm_head.weight" not in live  # tied
+    before = backend.loglikelihood(REQS[:1])[0][0]
+    with torch.no_grad():
+        live["model.norm.weight"].mul_(3.0)  # in-place write, no reload
+    changed = backend.loglikelihood(REQS[:1])[0][0]
+    assert changed != pytest.approx(before, abs=1e-6)
+    backend.load_weights([("model.norm.weight", live["model.norm.weight"] / 3.0)])
+    assert backend.loglikelihood(REQS[:1])[0][0] == pytest.approx(before, abs=1e-5)
+
+
+def test_load_weights_errors(backend):
+    with pytest.raises(ConfigError, match=r"Did you mean 'model\.norm\.weight'"):
+        backend.load_weights([("model.norm.weigth", torch.ones(32))])
+    with pytest.raises(ConfigError, match=r"expected shape \(32,\)"):
+        backend.load_weights([("model.norm.weight", torch.ones(31))])
+
+
+def test_nan_weights_raise_candidate_error(backend):
+    backend.load_weights([("model.norm.weight", torch.full((32,), float("nan")))])
+    with pytest.raises(CandidateError, match="NaN"):
+        backend.loglikelihood(REQS[:1])
+    with pytest.raises(CandidateError, match="NaN"):
+        backend.generate([("abc", GenerationSpec(max_gen_toks=3))])
+
+
+def test_load_backend_errors(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'hf'"):
+        load_backend("hff", model_dir)
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        load_backend("hf", model_dir, dtype="float33")
+    with pytest.raises(ConfigError, match=r"config\.json"):
+        load_backend("hf", tmp_path)
+    with pytest.raises(ConfigError, match="max_gen_toks"):
+        HFBackend(model_dir).generate([("a", GenerationSpec(max_gen_toks=500))])
