@@ -20,9 +20,11 @@ def gradient_t(tensor_name: str, num_layers: int) -> float:
     """Position in [0, 1] at which gradient (list) parameters are evaluated for a tensor.
 
     Layer i of n is at i / (n - 1) (mergekit's convention for a slice covering the model);
-    tensors outside the decoder layers (embeddings, final norm, lm_head) are at 0.
+    the only layer of a one-layer model is at 1; tensors outside the decoder layers (embeddings, final norm, lm_head) are at 0.
     """
     idx = layer_index(tensor_name)
-    if idx is None or num_layers <= 1:
+    if idx is None:
         return 0.0
+    if num_layers <= 1:  # mergekit puts the only layer of a one-layer slice at t = 1
+        return 1.0
     return idx / (num_layers - 1)

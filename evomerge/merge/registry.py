@@ -1,4 +1,4 @@
-"""The one registry of merge methods: each method is a pure tensor function plus declared parameters.
+"""The one registry of merge methods: each is a pure tensor function plus declared parameters.
 
 Everything else (recipe validation, search spaces, model cards) reads these declarations;
 nothing re-declares a method's parameters. This module is pure Python (no torch import) so
@@ -50,7 +50,9 @@ class Param:
         """Raise ConfigError naming `where` if `value` is of the wrong kind or out of bounds."""
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: '{self.name}' must be true or false, but got {value!r}")
+                raise ConfigError(
+                    f"{where}: '{self.name}' must be true or false, but got {value!r}"
+                )
             return
         if self.kind == "str":
             if not isinstance(value, str) or (self.choices and value not in self.choices):
@@ -80,11 +82,15 @@ class MergeInputs:
     """What a method's tensor function receives for one output tensor (all float32, one device).
 
     models: every entry of the recipe's `models:` list in order, stacked   # (n, *shape)
-    base: the base_model's tensor, or None; when the base is also listed in `models:`,
-          base_index is its row in `models`.
-    model_params: per-model parameters resolved for this tensor            # each (n,)
+            (an unlisted base_model is appended as the last row, as mergekit does)
+    base: the base_model's tensor, or None; base_index is its row in `models`.
+    model_params: per-model parameters resolved for this tensor            # each (n,) float64
     params: global parameters resolved for this tensor (after defaults)
     seed: random_seed of the recipe; random methods key their draws by (seed, tensor_name)
+    deltas: task vectors of the non-base rows, precomputed by the in-place candidate path
+            (None: methods compute models[i] - base themselves, the same bytes)
+    cache: a SparsifyCache (data-only mask statistics) or None
+    scratch: reusable buffers (evomerge.merge.methods.Scratch) or None to allocate
     """
 
     tensor_name: str
@@ -94,6 +100,9 @@ class MergeInputs:
     model_params: dict[str, torch.Tensor]
     params: dict[str, Scalar]
     seed: int
+    deltas: torch.Tensor | None = None
+    cache: Any = None
+    scratch: Any = None
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]
@@ -113,6 +122,10 @@ class Method:
     max_models: int | None = None
     random: bool = False  # uses random draws (DARE, DELLA): seeded by (random_seed, tensor name)
     task_vectors: bool = False  # works on deltas against the base (cacheable per search)
+    # True: the base is merged as a plain input (linear, karcher, passthrough; mergekit's
+    # "ignored" base policy), so model-scope parameters are read for it too. False: model
+    # parameters are read for the non-base models only.
+    base_is_input: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

@@ -1,0 +1,129 @@
+"""In-place candidates for the search: inputs resident on the device, no disk per trial.
+
+Every input model is loaded once in float32 and stacked per tensor  # (n_inputs, *shape);
+task vectors, magnitude ranks and DARE/DELLA draws are computed on first use and kept, so a
+trial costs only the parameter-dependent arithmetic. Results equal `resolve.merge_tensor`
+(the disk path) bit for bit: both run the same method functions on the same bytes, the
+cache only memoizes data-only values computed by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from evomerge.errors import ConfigError, MergeError, did_you_mean
+from evomerge.merge.arch import gradient_t
+from evomerge.merge.registry import get_method
+from evomerge.merge.resolve import base_index, input_refs, inputs_for_rows
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.recipe import MergeStage
+
+
+class TensorSource(Protocol):
+    def keys(self): ...
+
+    def get_tensor(self, name: str) -> torch.Tensor: ...
+
+
+class CandidateMerger:
+    """Merge candidates of one stage's models/base into live parameters, many times over."""
+
+    def __init__(
+        self,
+        stage: MergeStage,
+        sources: Mapping[str, TensorSource],
+        *,
+        num_layers: int,
+        device: str = "cpu",
+        tensor_names: Sequence[str] | None = None,
+    ) -> None:
+        from evomerge.merge.methods import Scratch
+        from evomerge.merge.sparsify import SparsifyCache
+
+        self._refs = input_refs(stage)
+        self._keys = [str(r) for r in self._refs]
+        for key in self._keys:
+            if key not in sources:
+                raise ConfigError(did_you_mean(key, sources, "model source"))
+        bi = base_index(stage)
+        first = sources[self._keys[0 if bi is None else bi]]
+        names = list(first.keys()) if tensor_names is None else list(tensor_names)
+        self.device = device
+        self._rows = {name: self._load(name, sources) for name in names}  # (n, *shape) each
+        self._t = {name: gradient_t(name, num_layers) for name in names}
+        self._deltas: dict[str, torch.Tensor] = {}
+        self.cache = SparsifyCache()
+        self._scratch = Scratch()
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._rows)
+
+    def _load(self, name: str, sources: Mapping[str, TensorSource]) -> torch.Tensor:
+        import torch
+
+        tensors = []
+        for key in self._keys:
+            try:
+                tensors.append(sources[key].get_tensor(name))
+            except KeyError:
+                raise MergeError(f"model '{key}' has no tensor '{name}'") from None
+        shapes = {tuple(x.shape) for x in tensors}
+        if len(shapes) > 1:
+            pairs = zip(self._keys, tensors, strict=True)
+            got = ", ".join(f"{k}: {tuple(x.shape)}" for k, x in pairs)
+            raise MergeError(f"tensor '{name}' has different shapes across models: {got}")
+        rows = torch.empty(
+            (len(tensors), *tensors[0].shape), dtype=torch.float32, device=self.device
+        )
+        for i, x in enumerate(tensors):
+            rows[i].copy_(x)  # one float32 copy per input; the source may be bf16 or mmapped
+        return rows
+
+    def _check(self, stage: MergeStage) -> None:
+        refs = input_refs(stage)
+        if refs != self._refs:
+            raise ConfigError(
+                "a candidate must merge the same models and base as the CandidateMerger was "
+                f"built for: expected {self._keys}, but got {[str(r) for r in refs]}"
+            )
+
+    def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
+        from evomerge.merge.methods import task_vectors
+
+        self._check(stage)
+        method = get_method(stage.merge_method)
+        for name, rows in self._rows.items():
+            inputs = inputs_for_rows(stage, name, rows, self._t[name])
+            if method.task_vectors and inputs.base is not None:
+                deltas = self._deltas.get(name)
+                if deltas is None:
+                    deltas = self._deltas[name] = task_vectors(inputs)
+                inputs.deltas = deltas
+            inputs.cache = self.cache
+            inputs.scratch = self._scratch
+            yield name, method.fn(inputs)
+
+    def apply(self, stage: MergeStage, target: Mapping[str, torch.Tensor]) -> None:
+        """Write every merged tensor into target[name] in place (copy_, dtype cast allowed)."""
+        import torch
+
+        missing = [n for n in self._rows if n not in target]
+        if missing:
+            raise MergeError(
+                f"the target model has no parameter for {len(missing)} merged tensor(s), "
+                f"e.g. '{missing[0]}'"
+            )
+        with torch.no_grad():
+            for name, tensor in self.merged(stage):
+                target[name].copy_(tensor)
+
+    def nbytes(self) -> int:
+        """Resident bytes: inputs, task vectors and cached mask statistics."""
+        tensors = [*self._rows.values(), *self._deltas.values()]
+        return sum(x.numel() * x.element_size() for x in tensors) + self.cache.nbytes()

@@ -1,0 +1,146 @@
+"""CandidateMerger: in-place candidates equal the disk path (resolve.merge_tensor) bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.errors import ConfigError, MergeError
+from evomerge.merge.arch import gradient_t
+from evomerge.merge.candidate import CandidateMerger
+from evomerge.merge.resolve import merge_tensor
+from evomerge.recipe import InputModel, MergeStage, ModelRef
+
+LAYERS = 3
+NAMES = [
+    "model.embed_tokens.weight",
+    *(f"model.layers.{i}.mlp.up_proj.weight" for i in range(LAYERS)),
+    *(f"model.layers.{i}.input_layernorm.weight" for i in range(LAYERS)),
+    "lm_head.weight",
+]
+
+
+class Source:
+    """What the engine's CheckpointReader offers: keys() and get_tensor(name)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._t = tensors
+
+    def keys(self):
+        return self._t.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+
+def _shape(name: str) -> tuple[int, ...]:
+    return (16,) if "norm" in name else (24, 16)
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, Source]:
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(_shape(n), generator=g) for n in NAMES}
+    out = {"base": Source(base)}
+    for i in range(3):
+        out[f"m{i}"] = Source(
+            {n: x + 0.1 * torch.randn(x.shape, generator=g) for n, x in base.items()}
+        )
+    return out
+
+
+def _stage(method: str, params: dict, per_model: list[dict] | None = None, n: int = 3):
+    per_model = per_model or [{}] * n
+    models = [InputModel(ModelRef(f"m{i}"), per_model[i]) for i in range(n)]
+    return MergeStage(method, models=models, base_model=ModelRef("base"), parameters=params,
+                      random_seed=11)  # fmt: skip
+
+
+def _disk(stage: MergeStage, sources) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in NAMES:
+        models = torch.stack([sources[str(m.model)].get_tensor(name) for m in stage.models])
+        base = sources["base"].get_tensor(name)
+        out[name] = merge_tensor(stage, name, models, base, gradient_t(name, LAYERS))
+    return out
+
+
+CASES = [
+    ("ties", {"weight": [0.2, 1.0]}, [{"density": 0.3}, {"density": [0.9, 0.2]}, {}]),
+    ("dare_ties", {"weight": 0.5, "density": 0.4}, None),
+    ("della", {"weight": 0.5, "density": 0.5, "epsilon": 0.2}, None),
+    ("breadcrumbs", {"weight": 0.7, "density": 0.6, "gamma": 0.05}, None),
+    ("linear", {"weight": [1.0, 0.1]}, None),
+    ("task_arithmetic", {"weight": 0.4, "lambda": 1.3}, None),
+    ("model_stock", {}, None),
+    ("dare_linear", {"weight": 1.0, "density": 0.2}, None),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "per_model"), CASES)
+def test_candidate_equals_disk_path(sources, method, params, per_model):
+    merger = CandidateMerger(_stage(method, params, per_model), sources, num_layers=LAYERS)
+    for scale in (1.0, 0.5):  # a second candidate reuses the caches and buffers
+        p = {
+            k: (v * scale if isinstance(v, float) and k != "epsilon" else v)
+            for k, v in params.items()
+        }
+        st = _stage(method, p, per_model)
+        want = _disk(st, sources)
+        got = {name: x.clone() for name, x in merger.merged(st)}
+        assert list(got) == NAMES
+        for name in NAMES:
+            assert torch.equal(got[name], want[name]), (method, name)
+
+
+def test_slerp_candidate_and_apply_into_bf16_target(sources):
+    st = _stage("slerp", {"t": [0.0, 1.0]}, n=1)
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    want = _disk(st, sources)
+    target = {n: torch.zeros(_shape(n), dtype=torch.bfloat16) for n in NAMES}
+    merger.apply(st, target)
+    for name in NAMES:
+        assert torch.equal(target[name], want[name].to(torch.bfloat16))
+    # t = 0 at layer 0 (the base), t = 1 at the last layer (the model)
+    base, m0 = sources["base"].get_tensor, sources["m0"].get_tensor
+    assert torch.allclose(
+        want["model.layers.0.mlp.up_proj.weight"], base("model.layers.0.mlp.up_proj.weight")
+    )
+    last = f"model.layers.{LAYERS - 1}.mlp.up_proj.weight"
+    assert torch.allclose(want[last], m0(last), atol=1e-6)
+
+
+def test_method_can_change_between_candidates(sources):
+    merger = CandidateMerger(
+        _stage("ties", {"weight": 1.0, "density": 0.5}), sources, num_layers=LAYERS
+    )
+    for method, params in [
+        ("linear", {"weight": 1.0}),
+        ("dare_ties", {"weight": 1.0, "density": 0.3}),
+    ]:
+        st = _stage(method, params)
+        want = _disk(st, sources)
+        for name, x in merger.merged(st):
+            assert torch.equal(x, want[name])
+
+
+def test_draws_do_not_depend_on_tensor_order(sources):
+    st = _stage("dare_linear", {"weight": 1.0, "density": 0.3})
+    fwd = CandidateMerger(st, sources, num_layers=LAYERS, tensor_names=NAMES)
+    rev = CandidateMerger(st, sources, num_layers=LAYERS, tensor_names=NAMES[::-1])
+    a = {n: x.clone() for n, x in fwd.merged(st)}
+    b = {n: x.clone() for n, x in rev.merged(st)}
+    assert all(torch.equal(a[n], b[n]) for n in NAMES)
+
+
+def test_bad_inputs(sources):
+    st = _stage("ties", {"weight": 1.0})
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    with pytest.raises(ConfigError, match="same models"):
+        list(merger.merged(_stage("ties", {"weight": 1.0}, n=2)))
+    typo = MergeStage("ties", models=[InputModel(ModelRef("m11"))], base_model=ModelRef("base"))
+    with pytest.raises(ConfigError, match="Did you mean 'm1'"):
+        CandidateMerger(typo, sources, num_layers=LAYERS)
+    with pytest.raises(MergeError, match="no parameter"):
+        merger.apply(st, {})
+    assert merger.nbytes() > 0
