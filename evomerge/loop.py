@@ -1,0 +1,430 @@
+"""The search loop: ask -> decode -> merge in place -> evaluate in chunks (prune) -> tell.
+
+The only module that wires search + merge + eval. One process = one worker: it loads the base
+model once into the evaluator's backend, keeps the task vectors resident in one CandidateMerger,
+and writes every candidate straight into the live weights. Several processes running the same
+command (same --study/--storage) share the study; see search/study.py for the budget rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+from evomerge.errors import CandidateError, ConfigError, EvomergeError
+from evomerge.recipe import Recipe, dump_recipe
+from evomerge.search.baselines import baseline_trials, default_value
+from evomerge.search.objective import Objectives
+from evomerge.search.results import (
+    SearchOutcome,
+    heldout_scores,
+    load_study_outcome,
+    ranked,
+    spearman,
+    status_text,
+    write_csv,
+    write_meta,
+)
+from evomerge.search.space import SearchSpace
+from evomerge.search.study import (
+    CONSTRAINED_SAMPLERS,
+    FAIL_KIND,
+    budget_state,
+    enqueue,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    over_budget,
+    storage_url,
+)
+
+__all__ = ["SearchOutcome", "cli_search", "cli_status", "load_study_outcome", "run_search"]
+
+
+class Workbench(Protocol):
+    """What the loop needs from merge + eval (LiveWorkbench; tests pass a fake)."""
+
+    task_names: list[str]
+    higher_is_better: dict[str, bool]
+
+    def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
+        """Merge `recipe` into the live model (None: the base as loaded), evaluate `split`."""
+        ...
+
+
+class OverBudget(EvomergeError):
+    """A worker asked for a trial when the budget was already taken by earlier trials."""
+
+
+class LiveWorkbench:
+    """Real merge + eval: one backend, one CandidateMerger, one Evaluator per process."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        backend: str,
+        device: str,
+        chunks: Any,
+        seed: int,
+        heldout_fraction: float,
+    ) -> None:
+        from evomerge.eval.backends import load_backend
+        from evomerge.eval.evaluator import Evaluator
+        from evomerge.eval.tasks import load_tasks
+        from evomerge.merge.candidate import CandidateMerger
+        from evomerge.merge.io import open_checkpoint
+
+        spec = space.spec
+        self.tasks = load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
+        self.task_names = [t.name for t in self.tasks]
+        self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
+        self.backend = load_backend(backend, spec.base_model or spec.models[0], device=device)
+        method = spec.methods[0]
+        stage = space.decode(space.encode(method, lambda s, c: default_value(s))).final
+        refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
+        sources = {str(r): open_checkpoint(r) for r in refs}
+        layers = spec.num_layers or _config_layers(sources[str(refs[-1])].config)
+        self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
+        self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
+        self._merged = False
+
+    def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
+        if recipe is None and self._merged:
+            raise EvomergeError("the base model must be scored before the first merge")
+        try:
+            if recipe is not None:
+                self._merged = True
+                live = self.backend.live_tensors()
+                if live is not None:
+                    self.merger.apply(recipe.final, live)
+                else:
+                    self.backend.load_weights(self.merger.merged(recipe.final))
+            return self.evaluator.evaluate(split=split, on_chunk=on_chunk)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if "out of memory" in str(exc).lower():
+                raise CandidateError(f"out of memory: {str(exc).splitlines()[0]}") from exc
+            raise
+
+
+def _config_layers(config: dict) -> int:
+    return int(config.get("text_config", config).get("num_hidden_layers", 1))
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Reporter:
+    """on_chunk callback: report the partial objective, ask the pruner; False stops the eval."""
+
+    def __init__(self, trial: Any, objectives: Objectives, mode: str, tasks: list[str]) -> None:
+        self.trial, self.obj, self.mode = trial, objectives, mode
+        self.task_index = {t: i for i, t in enumerate(tasks)}
+        self.reported: set[int] = set()
+        self.pruned = False
+
+    def report_examples(self, per_example: dict[str, dict[Any, float]]) -> None:
+        coefs = self.obj.task_coefs(0)
+        for task, docs in per_example.items():
+            for doc, score in docs.items():
+                step = self.task_index[task] * 1_000_000 + (
+                    doc if isinstance(doc, int) else abs(hash(doc)) % 1_000_000
+                )  # stable id per example: WilcoxonPruner pairs trials on it
+                if step not in self.reported and task in coefs:
+                    self.reported.add(step)
+                    self.trial.report(coefs[task] * float(score), step)
+
+    def __call__(self, chunk: int, partial: Any) -> bool:
+        if self.mode == "none":
+            return True
+        if self.mode == "examples":
+            self.report_examples(partial.per_example)
+        else:
+            means = {t: s.mean for t, s in partial.tasks.items()}
+            self.trial.report(self.obj.values(means)[0], sum(s.n for s in partial.tasks.values()))
+        self.pruned = self.trial.should_prune()
+        return not self.pruned
+
+
+def _summary(recipe: Recipe, limit: int = 6) -> str:
+    """Short params text: per-model scalars and global scalars (lists shown as [k vals])."""
+    st = recipe.final
+    parts = [st.merge_method]
+
+    def fmt(v: Any) -> str:
+        return (
+            f"{v:.3g}"
+            if isinstance(v, float)
+            else (f"[{len(v)}]" if isinstance(v, list) else str(v))
+        )
+
+    for name in list(st.models[0].parameters)[:limit] if st.models else []:
+        parts.append(f"{name}=(" + ",".join(fmt(m.parameters.get(name)) for m in st.models) + ")")
+    parts += [f"{k}={fmt(v)}" for k, v in st.parameters.items()]
+    return " ".join(parts)
+
+
+def run_search(
+    space_path: str | Path,
+    *,
+    study: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    results: str | Path = "results",
+    device: str | None = None,
+    backend: str | None = None,
+    prune: bool = True,
+    workbench: Workbench | None = None,
+    quiet: bool = False,
+) -> SearchOutcome:
+    """Run (or resume, or join as a worker) the study of a search-space file."""
+    import optuna
+    from tqdm.auto import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours
+    # heartbeats and fail_stale_trials are flagged experimental; they are what crash recovery is
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    space = SearchSpace.from_yaml(space_path)
+    cfg, ecfg = space.spec.search, space.spec.eval
+    sampler = sampler or cfg.get("sampler", "tpe")
+    space.use_sampler(sampler)
+    n_trials = n_trials if n_trials is not None else cfg.get("n_trials")
+    timeout = timeout if timeout is not None else cfg.get("timeout")
+    seed = seed if seed is not None else int(cfg.get("seed", 0))
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials: expected a positive integer, but got {n_trials}")
+    name = study or space.spec.name
+    study_dir = Path(results) / name
+    url = storage_url(storage, study_dir)
+    heartbeat = int(cfg.get("heartbeat", 30))
+    wb = workbench or LiveWorkbench(
+        space,
+        backend or ecfg.get("backend", "hf"),
+        device or ecfg.get("device") or _default_device(),
+        ecfg.get("chunks", (16, 64, None)),
+        int(ecfg.get("seed", 0)),
+        float(ecfg.get("heldout_fraction", 0.5)),
+    )
+    # storage (and the study folder) only once the models and tasks loaded: a bad input
+    # leaves nothing behind
+    study_dir.mkdir(parents=True, exist_ok=True)
+    store = open_storage(url, heartbeat=heartbeat, grace=cfg.get("grace_period"))
+    obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)
+    constrained = obj.max_drop is not None
+    use_cf = constrained and sampler in CONSTRAINED_SAMPLERS
+    smp = make_sampler(sampler, space, seed, len(obj.specs))
+    pruner, mode = make_pruner(cfg.get("pruner", "median"), len(obj.specs), prune)
+    st = open_study(name, store, smp, pruner, obj.directions)
+    _record_study(st, space, space_path, sampler, seed, obj)
+    _record_doc_ids(st, wb)
+    write_meta(study_dir, name, url, str(space_path))
+    for split in ("search", "heldout"):
+        if f"base_{split}" not in st.user_attrs and space.spec.base_model:
+            res = wb.evaluate(None, split)
+            st.set_user_attr(f"base_{split}", {t: s.mean for t, s in res.tasks.items()})
+    base_search = st.user_attrs.get("base_search")
+    enqueue(st, baseline_trials(space))
+    mine: dict[str, Any] = {}
+
+    def objective(trial: Any) -> Any:
+        mine["number"], mine["recipe"] = trial.number, None
+        if over_budget(st, trial.number, n_trials):
+            trial.set_user_attr(FAIL_KIND, "over_budget")
+            raise OverBudget("budget already taken by earlier trials")
+        recipe = space.suggest(trial)
+        mine["recipe"] = recipe
+        trial.set_user_attr("recipe", dump_recipe(recipe))
+        rep = _Reporter(trial, obj, mode, wb.task_names)
+        try:
+            res = wb.evaluate(recipe, "search", on_chunk=rep)
+            means = {t: float(s.mean) for t, s in res.tasks.items()}
+            if not all(math.isfinite(v) for v in means.values()):
+                raise CandidateError(f"non-finite scores {means}")
+        except CandidateError as exc:
+            trial.set_user_attr(FAIL_KIND, "candidate")
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAIL_KIND, "interrupted")
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            raise
+        for t, m in means.items():
+            trial.set_user_attr(f"proxy_{t}", m)
+        if rep.pruned:
+            trial.set_user_attr("docs_scored", sum(s.n for s in res.tasks.values()))
+            raise optuna.TrialPruned()
+        if mode == "examples":
+            rep.report_examples(res.per_example)  # the full set: later trials pair against it
+        values = obj.values(means)
+        violation = obj.violation(means, base_search)
+        trial.set_user_attr("violation", violation)
+        if constrained:
+            trial.set_constraint("max_drop", violation)  # <= 0 feasible; tpe/nsga2/gp use it
+        if constrained and not use_cf:
+            values = obj.penalized(values, violation)
+        return values if len(values) > 1 else values[0]
+
+    done, _ = budget_state(st)
+    bar = tqdm(
+        total=n_trials,
+        initial=min(done, n_trials or done),
+        disable=quiet,
+        desc=name,
+        unit="trial",
+        file=sys.stderr,
+    )
+    start = time.time()
+    try:
+        while timeout is None or time.time() - start < timeout:
+            done, running = budget_state(st)
+            if n_trials is not None and done >= n_trials:
+                break
+            if n_trials is not None and done + running >= n_trials:
+                if getattr(store, "heartbeat_interval", None) is None:
+                    break  # no heartbeats: cannot tell a slow worker from a dead one
+                optuna.storages.fail_stale_trials(st)  # a dead worker's trial is re-queued
+                time.sleep(min(2.0, heartbeat))
+                continue
+            t0 = time.time()
+            st.optimize(
+                objective, n_trials=1, catch=(CandidateError, OverBudget), gc_after_trial=False
+            )
+            write_csv(st, study_dir)
+            line = _trial_line(st, mine, time.time() - t0)
+            if line and " over_budget " not in line:
+                bar.update(1)
+                if not quiet:
+                    bar.write(line)
+    except KeyboardInterrupt:
+        write_csv(st, study_dir)
+        bar.close()
+        raise
+    bar.close()
+    rescore_heldout(st, space, wb, obj, int(ecfg.get("heldout_top_k", 5)), quiet)
+    write_csv(st, study_dir)
+    out = load_study_outcome(study_dir, storage)
+    if not quiet:
+        print(status_text(out, top=10), file=sys.stderr)
+    return out
+
+
+def _record_study(
+    st: Any, space: SearchSpace, path: Any, sampler: str, seed: int, obj: Objectives
+) -> None:
+    text = Path(path).read_text()
+    if st.user_attrs.get("space_yaml") not in (None, text):
+        print(
+            f"warning: the space file changed since study '{st.study_name}' began; stored "
+            "trials are decoded with the new file",
+            file=sys.stderr,
+        )
+    for key, val in (
+        ("space_yaml", text),
+        ("space_path", str(path)),
+        ("sampler", sampler),
+        ("seed", seed),
+        ("objective_names", obj.names),
+    ):
+        if st.user_attrs.get(key) != val:
+            st.set_user_attr(key, val)
+
+
+def _record_doc_ids(st: Any, wb: Any) -> None:
+    """Study attr `doc_ids` = {task: {split: "0-63,..."}}: which documents each split used
+    (export writes them into the recipe's provenance)."""
+    from evomerge.provenance import compress_ids
+
+    tasks = getattr(wb, "tasks", None)
+    if not tasks or not all(hasattr(t, "doc_ids") for t in tasks):
+        return
+    ids = {t.name: {s: compress_ids(t.doc_ids(s)) for s in ("search", "heldout")} for t in tasks}
+    if st.user_attrs.get("doc_ids") != ids:
+        st.set_user_attr("doc_ids", ids)
+
+
+def _trial_line(st: Any, mine: dict, seconds: float) -> str:
+    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`."""
+    if "number" not in mine:
+        return ""
+    t = _get(st, mine["number"])
+    scores = " ".join(f"{k[6:]} {v:.3f}" for k, v in t.user_attrs.items() if k.startswith("proxy_"))
+    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if t.state.name == "COMPLETE" else ""
+    kind = t.user_attrs.get(FAIL_KIND, "")
+    what = _summary(mine["recipe"]) if mine.get("recipe") else kind
+    line = f"#{t.number} {t.state.name} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
+    if t.user_attrs.get("fail_reason"):
+        line += f" | {t.user_attrs['fail_reason']}"
+    try:
+        best = st.best_trial if len(st.directions) == 1 else None
+        line += f" | best #{best.number} {best.value:.4f}" if best else ""
+    except ValueError:  # no COMPLETE trial yet
+        pass
+    return line
+
+
+def _get(st: Any, number: int) -> Any:
+    for t in st.get_trials(deepcopy=False):
+        if t.number == number:
+            return t
+    raise KeyError(number)
+
+
+def rescore_heldout(
+    st: Any, space: SearchSpace, wb: Workbench, obj: Objectives, k: int, quiet: bool = False
+) -> None:
+    """Re-score the top-k trials by proxy on the held-out split (once each, stored on the
+    study) and print the proxy vs held-out Spearman rank correlation."""
+    done = heldout_scores(st)
+    order = ranked(st)  # the top k, plus every baseline: the model card compares against them
+    for t in order[:k] + [t for t in order[k:] if t.user_attrs.get("baseline")]:
+        if t.number in done:
+            continue
+        res = wb.evaluate(space.decode(t.params), "heldout")
+        means = {task: float(s.mean) for task, s in res.tasks.items()}
+        entry = {"tasks": means, "objective": obj.values(means)}
+        st.set_user_attr(f"heldout_{t.number}", entry)
+        done[t.number] = entry
+    if not quiet and done:
+        proxy = {t.number: t.values[0] for t in ranked(st)}
+        pairs = [(proxy[n], h["objective"][0]) for n, h in done.items() if n in proxy]
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        print(
+            f"held-out re-scoring: {len(pairs)} trials; proxy vs held-out Spearman "
+            f"{'n/a' if rho is None else f'{rho:.3f}'}",
+            file=sys.stderr,
+        )
+
+
+def cli_search(args: argparse.Namespace) -> int:
+    run_search(
+        args.space,
+        study=args.study,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        sampler=args.sampler,
+        seed=args.seed,
+        results=args.results,
+        device=args.device,
+        backend=args.backend,
+        prune=not args.no_prune,
+    )
+    return 0
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    if not Path(args.study_dir).is_dir():
+        raise ConfigError(f"study folder '{args.study_dir}' not found")
+    print(status_text(load_study_outcome(args.study_dir, args.storage), top=args.top))
+    return 0

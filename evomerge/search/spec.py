@@ -1,0 +1,424 @@
+"""Search-space YAML -> validated plain data (ParamSpec, ObjectiveSpec, SpaceSpec).
+
+Every rule is checked here, at load time, with a one-line ConfigError naming the YAML location.
+Parameter kinds, bounds and defaults come from the merge method registry (never re-declared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import ConfigError, did_you_mean
+from evomerge.merge.registry import Method, Param, get_method
+
+TOP_KEYS = (
+    "name",
+    "base_model",
+    "models",
+    "method",
+    "parameters",
+    "method_parameters",
+    "tasks",
+    "objective",
+    "objectives",
+    "constraint",
+    "eval",
+    "search",
+    "baselines",
+    "num_layers",
+    "dtype",
+    "random_seed",
+)
+PARAM_KEYS = (
+    "low",
+    "high",
+    "log",
+    "step",
+    "choices",
+    "simplex",
+    "layer_groups",
+    "filters",
+    "rest",
+    "shared",
+    "value",
+)
+EVAL_KEYS = ("chunks", "heldout_fraction", "backend", "device", "seed", "heldout_top_k")
+SEARCH_KEYS = (
+    "sampler",
+    "n_trials",
+    "timeout",
+    "seed",
+    "pruner",
+    "heartbeat",
+    "grace_period",
+    "penalty",
+)
+SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "qmc", "dirichlet")
+PRUNERS = ("wilcoxon", "median", "halving", "none")
+# a parameter searched as a fraction of a bound set by another: della's epsilon must stay below
+# min(density, 1 - density), so it is sampled as eps = frac * min(d, 1 - d) and never fails
+RELATIVE = {"epsilon": "density"}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    method: str
+    scope: str  # "model": one value per input model unless shared; "global"
+    kind: str
+    searched: bool
+    fixed: Any = None
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    simplex: bool = False
+    per_model: bool = False
+    groups: int = 1
+    filters: tuple[str, ...] = ()
+    rest: float | None = None  # fixed value of the filter list's default entry (else searched)
+    relative_to: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    weights: dict[str, float]
+    direction: str | None  # None: inferred from the tasks' higher_is_better
+
+
+@dataclass
+class SpaceSpec:
+    name: str
+    source: str
+    base_model: str | None
+    models: list[str]
+    labels: list[str]
+    methods: list[str]
+    params: dict[str, list[ParamSpec]]  # method -> its parameter specs (relative ones last)
+    tasks: list[str]
+    task_names: list[str]
+    objectives: list[ObjectiveSpec]
+    max_drop: float | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=list)
+    num_layers: int | None = None
+    dtype: str | None = None
+    random_seed: int | None = None
+
+    @property
+    def categorical(self) -> bool:
+        return len(self.methods) > 1
+
+
+def _check_keys(data: dict, allowed: tuple[str, ...], where: str, what: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, but got {data!r}")
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{where}: {did_you_mean(str(key), allowed, what)}")
+
+
+def _labels(models: list[str]) -> list[str]:
+    """Short unique labels for optuna parameter names: folder names, or m0, m1... on clashes."""
+    names = [Path(m.split("@")[0].rstrip("/")).name or f"m{i}" for i, m in enumerate(models)]
+    if len(set(names)) < len(names):
+        return [f"m{i}" for i in range(len(models))]
+    return names
+
+
+def _bound(value: Any, fallback: float | None, param: Param, where: str, side: str) -> float:
+    v = fallback if value is None else value
+    if v is None:
+        raise ConfigError(f"{where}: '{param.name}' has no default search bounds; give '{side}'")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{where}.{side}: expected a number, but got {v!r}")
+    return float(v)
+
+
+def _param_spec(
+    name: str, raw: Any, method: Method, n_models: int, defaults: dict, where: str
+) -> ParamSpec:
+    param = method.param(name)
+    assert param is not None  # callers check membership first
+    base = dict(name=name, method=method.name, scope=param.scope, kind=param.kind)
+    if not isinstance(raw, dict):  # a fixed value, validated by the method's declaration
+        param.check(raw, where)
+        return ParamSpec(**base, searched=False, fixed=raw)
+    _check_keys(raw, PARAM_KEYS, where, "search-space key")
+    if "value" in raw:
+        param.check(raw["value"], where)
+        return ParamSpec(**base, searched=False, fixed=raw["value"])
+    groups = raw.get("layer_groups", defaults.get("layer_groups", 1))
+    filters = raw.get("filters", defaults.get("filters", ()))
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ConfigError(f"{where}.layer_groups: expected an integer >= 1, but got {groups!r}")
+    if not isinstance(filters, (list, tuple)) or not all(isinstance(f, str) for f in filters):
+        raise ConfigError(f"{where}.filters: expected a list of names, but got {filters!r}")
+    common = dict(groups=groups, filters=tuple(filters), rest=raw.get("rest"))
+    if common["rest"] is not None:
+        param.check(common["rest"], f"{where}.rest")
+    if param.kind in ("bool", "str") or "choices" in raw:
+        choices = tuple(raw.get("choices") or ((True, False) if param.kind == "bool" else ()))
+        if not choices:
+            raise ConfigError(f"{where}: '{name}' is a {param.kind}; give 'choices: [...]'")
+        for c in choices:
+            param.check(c, where)
+        return ParamSpec(
+            **base, searched=True, choices=choices, per_model=param.scope == "model", **common
+        )
+    simplex = bool(raw.get("simplex", False))
+    relative = RELATIVE.get(name) if method.param(RELATIVE.get(name, "")) else None
+    if relative:  # bounds are fractions of the moving bound, in [0, 1)
+        low, high = float(raw.get("low", 0.0)), float(raw.get("high", 0.9))
+        if not 0.0 <= low <= high < 1.0:
+            raise ConfigError(
+                f"{where}: '{name}' is searched as a fraction of min({relative}, 1 - {relative});"
+                f" 0 <= low <= high < 1 must hold, but got low={low}, high={high}"
+            )
+    else:
+        lo_default = param.search_low if param.search_low is not None else param.low
+        hi_default = param.search_high if param.search_high is not None else param.high
+        low = _bound(raw.get("low"), lo_default, param, where, "low")
+        high = _bound(raw.get("high"), hi_default, param, where, "high")
+        if low > high:
+            raise ConfigError(f"{where}: low <= high must hold, but got low={low}, high={high}")
+        if not simplex:
+            param.check(int(low) if param.kind == "int" else low, f"{where}.low")
+            param.check(int(high) if param.kind == "int" else high, f"{where}.high")
+    if simplex:
+        if param.scope != "model" or raw.get("shared"):
+            raise ConfigError(
+                f"{where}: simplex needs a per-model parameter, but '{name}' is "
+                f"{'shared' if raw.get('shared') else 'global'}"
+            )
+        if n_models < 2:
+            raise ConfigError(f"{where}: simplex needs at least 2 models, but got {n_models}")
+    if bool(raw.get("log")) and low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, but got low={low}")
+    return ParamSpec(
+        **base,
+        searched=True,
+        low=low,
+        high=high,
+        log=bool(raw.get("log", False)),
+        step=raw.get("step"),
+        simplex=simplex,
+        relative_to=relative,
+        per_model=param.scope == "model" and not raw.get("shared", False),
+        **common,
+    )
+
+
+def _method_params(data: dict, method: Method, n_models: int, src: str) -> list[ParamSpec]:
+    shared = data.get("parameters") or {}
+    own = (data.get("method_parameters") or {}).get(method.name) or {}
+    granularity = {k: shared.pop(k) for k in ("layer_groups", "filters") if k in shared}
+    specs = []
+    for section, entries in (("parameters", shared), (f"method_parameters.{method.name}", own)):
+        for name, raw in entries.items():
+            if method.param(name) is None:
+                continue  # checked against the union of methods by the caller
+            specs.append(
+                _param_spec(name, raw, method, n_models, granularity, f"{src}: {section}.{name}")
+            )
+    for spec in specs:
+        if spec.relative_to and not any(s.name == spec.relative_to for s in specs):
+            specs.append(
+                ParamSpec(
+                    name=spec.relative_to,
+                    method=method.name,
+                    scope="model",
+                    kind="float",
+                    searched=False,
+                    fixed=method.param(spec.relative_to).default or 1.0,
+                )
+            )
+    return sorted(specs, key=lambda s: s.relative_to is not None)
+
+
+def _task_name(spec: str) -> list[str]:
+    """Names a task spec provides: a YAML file's `task:`/`group:` entries, else the name itself."""
+    if not spec.endswith((".yaml", ".yml")):
+        return [spec]
+    import yaml
+
+    with open(spec) as f:
+        doc = yaml.safe_load(f) or {}
+    names = [Path(spec).stem]
+    for key in ("task", "group"):
+        val = doc.get(key)
+        names += [val] if isinstance(val, str) else [v for v in (val or []) if isinstance(v, str)]
+    return names
+
+
+def _objectives(data: dict, names: list[str], src: str) -> list[ObjectiveSpec]:
+    if "objective" in data and "objectives" in data:
+        raise ConfigError(f"{src}: give 'objective' or 'objectives', not both")
+    raw = data.get("objectives") or [data.get("objective") or {}]
+    out = []
+    for k, obj in enumerate(raw):
+        where = f"{src}: objectives[{k}]" if "objectives" in data else f"{src}: objective"
+        if isinstance(obj, str):
+            obj = {"task": obj}
+        _check_keys(obj, ("name", "task", "tasks", "direction"), where, "objective key")
+        weights = obj.get("tasks") or ({obj["task"]: 1.0} if "task" in obj else None)
+        weights = weights or {n: 1.0 for n in names}
+        if isinstance(weights, list):
+            weights = {t: 1.0 for t in weights}
+        for t in weights:
+            if t not in names:
+                raise ConfigError(f"{where}: {did_you_mean(t, names, 'task')}")
+        direction = obj.get("direction")
+        if direction not in (None, "maximize", "minimize"):
+            raise ConfigError(
+                f"{where}.direction: expected maximize or minimize, but got {direction!r}"
+            )
+        name = obj.get("name") or ("+".join(weights) if len(raw) > 1 else "objective")
+        out.append(ObjectiveSpec(name, {t: float(w) for t, w in weights.items()}, direction))
+    return out
+
+
+def _num_layers(data: dict, base: str | None, models: list[str]) -> int | None:
+    if data.get("num_layers") is not None:
+        return int(data["num_layers"])
+    for m in [base, *models]:
+        cfg = Path(m or "") / "config.json"
+        if m and cfg.is_file():
+            with open(cfg) as f:
+                conf = json.load(f)
+            conf = conf.get("text_config", conf)
+            return conf.get("num_hidden_layers") or conf.get("n_layer")
+    return None
+
+
+def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
+    """Validate a search-space mapping (a parsed YAML document) into a SpaceSpec."""
+    _check_keys(data, TOP_KEYS, source, "search-space key")
+    models = [str(m) for m in data.get("models") or []]
+    if not models:
+        raise ConfigError(f"{source}: models: expected a list of model paths, but got none")
+    method_raw = data.get("method", "linear")
+    names = [method_raw] if isinstance(method_raw, str) else list(method_raw)
+    try:
+        methods = [get_method(str(n)) for n in names]
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: method: {exc}") from None
+    base = data.get("base_model")
+    for m in methods:
+        if m.needs_base and not base:
+            raise ConfigError(f"{source}: method '{m.name}' needs base_model, but none is given")
+    known = {p.name for m in methods for p in m.params}
+    mp = data.get("method_parameters") or {}
+    for key in mp:
+        if key not in names:
+            raise ConfigError(f"{source}: method_parameters: {did_you_mean(key, names, 'method')}")
+    for section, entries in [
+        ("parameters", data.get("parameters") or {}),
+        *((f"method_parameters.{k}", v or {}) for k, v in mp.items()),
+    ]:
+        for pname in entries:
+            if pname not in known and pname not in ("layer_groups", "filters"):
+                raise ConfigError(f"{source}: {section}: {did_you_mean(pname, known, 'parameter')}")
+    data = {**data, "parameters": dict(data.get("parameters") or {})}
+    params = {
+        m.name: _method_params(
+            {**data, "parameters": dict(data["parameters"])}, m, len(models), source
+        )
+        for m in methods
+    }
+    tasks = [t if isinstance(t, str) else t.get("task") for t in data.get("tasks") or []]
+    if not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"{source}: tasks: expected a list of task names or YAML files")
+    for t in tasks:
+        if t.endswith((".yaml", ".yml")) and not os.path.isfile(t):
+            raise ConfigError(f"{source}: tasks: task file '{t}' not found")
+    task_names = [n for t in tasks for n in _task_name(t)]
+    spec = SpaceSpec(
+        name=str(data.get("name") or Path(source).stem),
+        source=source,
+        base_model=base,
+        models=models,
+        labels=_labels(models),
+        methods=names,
+        params=params,
+        tasks=tasks,
+        task_names=task_names,
+        objectives=_objectives(data, task_names, source),
+        eval=dict(data.get("eval") or {}),
+        search=dict(data.get("search") or {}),
+        baselines=list(data.get("baselines", ["uniform", "experts", "defaults"])),
+        num_layers=_num_layers(data, base, models),
+        dtype=data.get("dtype"),
+        random_seed=data.get("random_seed"),
+    )
+    _check_rest(spec, data)
+    return spec
+
+
+def _check_rest(spec: SpaceSpec, data: dict) -> None:
+    src = spec.source
+    _check_keys(spec.eval, EVAL_KEYS, f"{src}: eval", "eval key")
+    _check_keys(spec.search, SEARCH_KEYS, f"{src}: search", "search key")
+    sampler = spec.search.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"{src}: search.sampler: {did_you_mean(sampler, SAMPLERS, 'sampler')}")
+    pruner = spec.search.get("pruner", "median")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"{src}: search.pruner: {did_you_mean(pruner, PRUNERS, 'pruner')}")
+    constraint = data.get("constraint") or {}
+    _check_keys(constraint, ("max_drop",), f"{src}: constraint", "constraint key")
+    if "max_drop" in constraint:
+        if not spec.base_model:
+            raise ConfigError(
+                f"{src}: constraint.max_drop compares with the base model, "
+                "but no base_model is given"
+            )
+        spec.max_drop = float(constraint["max_drop"])
+    if any(s.groups > 1 for ps in spec.params.values() for s in ps) and not spec.num_layers:
+        raise ConfigError(
+            f"{src}: layer_groups needs the layer count: give 'num_layers' "
+            "(the base model's config.json was not found)"
+        )
+    for ps in spec.params.values():
+        for s in ps:
+            if spec.num_layers and s.groups > spec.num_layers:
+                raise ConfigError(
+                    f"{src}: parameters.{s.name}.layer_groups: at most num_layers="
+                    f"{spec.num_layers} groups, but got {s.groups}"
+                )
+    for b in spec.baselines:
+        if b not in ("uniform", "experts", "defaults") and not os.path.isfile(b):
+            raise ConfigError(
+                f"{src}: baselines: expected uniform, experts, defaults or a recipe "
+                f"YAML file, but got '{b}' (file not found)"
+            )
+
+
+def check_sampler(spec: SpaceSpec, sampler: str) -> None:
+    """Reject a sampler that cannot handle the space (one line, before any trial runs)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(did_you_mean(sampler, SAMPLERS, "sampler"))
+    if sampler != "cmaes":
+        return
+    if spec.categorical:
+        raise ConfigError(
+            f"{spec.source}: sampler cmaes cannot search a categorical method "
+            f"choice {spec.methods}; use tpe or gp"
+        )
+    if len(spec.objectives) > 1:
+        raise ConfigError(
+            f"{spec.source}: sampler cmaes is single-objective, but the space has "
+            f"{len(spec.objectives)} objectives; use nsga2, tpe or gp"
+        )
+    if any(s.choices for ps in spec.params.values() for s in ps if s.searched):
+        raise ConfigError(
+            f"{spec.source}: sampler cmaes cannot search categorical parameters "
+            "(choices); use tpe or gp"
+        )

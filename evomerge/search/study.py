@@ -1,0 +1,253 @@
+"""Optuna plumbing: samplers, pruners, storage (crash recovery, several workers), the budget.
+
+Budget rule (exact across workers and resumes): a trial counts toward --n-trials when it is
+COMPLETE, PRUNED, or FAIL because the candidate itself failed (NaN, OOM, CandidateError: its
+evaluation was spent, and a space full of failing candidates must still end). Trials abandoned
+by Ctrl-C or by a dead worker (heartbeat stale) do not count; a dead worker's trial is re-queued
+with the same parameters (RetryHeartbeatStaleTrialCallback, RDB storages), so re-running the same
+command finishes the budget with no completed trial lost or run twice.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from evomerge.search.space import SearchSpace
+
+CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # read trial.constraints (set_constraint)
+FAIL_KIND = "fail_kind"  # trial user attr: "candidate" (counts), "interrupted", "over_budget"
+
+
+def _dirichlet_sampler_cls() -> type:
+    import numpy as np
+    import optuna
+
+    class DirichletSampler(optuna.samplers.BaseSampler):
+        """Random search with flat Dirichlet draws on each simplex and uniform draws elsewhere:
+        the baseline published merges use. One draw per simplex per trial, cached while the
+        trial asks for the simplex's parameters one by one; written in the `-log(u)`
+        parameterization as x_i = exp(-w_i), which decodes to exactly w."""
+
+        def __init__(self, groups: Sequence[Sequence[str]], seed: int | None = None) -> None:
+            self._group_of = {name: tuple(g) for g in groups for name in g}
+            self._rng = np.random.RandomState(seed)
+            self._random = optuna.samplers.RandomSampler(seed=seed)
+            self._draws: dict[tuple[int, tuple[str, ...]], dict[str, float]] = {}
+
+        def reseed_rng(self) -> None:
+            self._rng = np.random.RandomState()
+            self._random.reseed_rng()
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict:
+            return {}
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict) -> dict:
+            return {}
+
+        def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+            group = self._group_of.get(name)
+            if group is None:
+                return self._random.sample_independent(study, trial, name, dist)
+            key = (trial.number, group)
+            if key not in self._draws:
+                ws = self._rng.dirichlet(np.ones(len(group)))  # (n_models,)
+                self._draws[key] = {n: float(np.exp(-w)) for n, w in zip(group, ws, strict=True)}
+            return self._draws[key][name]
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            for key in [k for k in self._draws if k[0] == trial.number]:
+                del self._draws[key]
+
+    return DirichletSampler
+
+
+def make_sampler(
+    name: str,
+    space: SearchSpace,
+    seed: int | None,
+    n_objectives: int,
+) -> optuna.samplers.BaseSampler:
+    """A seeded sampler; it also switches the space to this sampler's simplex parameterization.
+    Constraints reach tpe/nsga2/gp through `trial.set_constraint` (Optuna 5 deprecates
+    constraints_func); the loop penalizes the objective for the other samplers."""
+    import optuna
+
+    space.use_sampler(name)
+    with warnings.catch_warnings():  # QMC is flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _sampler(name, space, seed)
+
+
+def _sampler(name: str, space: SearchSpace, seed: int | None) -> Any:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=True,
+            constant_liar=True,
+            n_startup_trials=10,
+        )
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=1, warn_independent_sampling=False
+        )
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    if name == "dirichlet":
+        groups = [g for m in space.spec.methods for g in space.simplex_groups(m)]
+        return _dirichlet_sampler_cls()(groups, seed=seed)
+    raise ConfigError(f"unknown sampler '{name}'")
+
+
+def make_pruner(name: str, n_objectives: int, enabled: bool = True) -> tuple[Any, str]:
+    """(pruner, report mode). Mode "examples": one report per example with step = a stable
+    example id (WilcoxonPruner's paired test against the best trial); mode "docs": one report
+    per chunk with step = number of docs scored so far. Multi-objective studies cannot prune."""
+    import optuna
+
+    if not enabled or name == "none" or n_objectives > 1:
+        return optuna.pruners.NopPruner(), "none"
+    if name == "wilcoxon":
+        with warnings.catch_warnings():  # flagged experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=8), "examples"
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0), "docs"
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(), "docs"
+    raise ConfigError(f"unknown pruner '{name}'")
+
+
+def storage_url(storage: str | None, study_dir: Path) -> str:
+    """None -> SQLite in the study folder; "journal" or a *.log path -> a journal file (safe for
+    many processes on one file system, no heartbeats); anything else is an Optuna URL."""
+    if storage is None:
+        return f"sqlite:///{study_dir / 'study.db'}"
+    if storage == "journal":
+        return f"journal:{study_dir / 'journal.log'}"
+    if storage.endswith((".log", ".journal")) and "://" not in storage:
+        return f"journal:{storage}"
+    if "://" not in storage and not storage.startswith("journal:"):
+        raise ConfigError(
+            f"--storage: expected an Optuna URL (sqlite:///x.db, postgresql://...), "
+            f"'journal' or a *.log file, but got '{storage}'"
+        )
+    return storage
+
+
+def open_storage(url: str, heartbeat: int = 30, grace: int | None = None) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path, JournalFileOpenLock(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _rdb(url, kwargs, heartbeat, grace)
+
+
+def _rdb(url: str, kwargs: dict | None, heartbeat: int, grace: int | None) -> Any:
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=heartbeat,
+        grace_period=grace or 4 * heartbeat,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+    )
+
+
+def open_study(
+    name: str, storage: Any, sampler: Any, pruner: Any, directions: list[str]
+) -> optuna.Study:
+    """Create the study or continue it (load_if_exists); several workers may race here."""
+    import optuna
+
+    last: Exception | None = None
+    for _ in range(5):  # concurrent first creation of the SQLite tables can collide
+        try:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+                directions=directions,
+                load_if_exists=True,
+            )
+            break
+        except ValueError as exc:
+            raise ConfigError(f"study '{name}' exists with other objectives: {exc}") from None
+        except Exception as exc:  # OperationalError ("database is locked") on first creation
+            last = exc
+            time.sleep(0.5)
+    else:
+        raise ConfigError(f"cannot open study '{name}': {last}")
+    if list(study.directions) and [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(
+            f"study '{name}' was created with directions "
+            f"{[d.name.lower() for d in study.directions]}, but this space asks "
+            f"for {directions}; use another --study name"
+        )
+    return study
+
+
+def counts_toward_budget(trial: Any) -> bool:
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_KIND) == "candidate"
+
+
+def budget_state(study: Any) -> tuple[int, int]:
+    """(trials counted toward the budget, trials running now)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = sum(counts_toward_budget(t) for t in trials)
+    return done, sum(t.state == TrialState.RUNNING for t in trials)
+
+
+def over_budget(study: Any, number: int, n_trials: int | None) -> bool:
+    """True if trial `number` is beyond the budget: as many counted or running trials were
+    created before it. Trial numbers order trials the same way in every worker, so two workers
+    that asked at the same moment agree on which of them is surplus."""
+    from optuna.trial import TrialState
+
+    if n_trials is None:
+        return False
+    ahead = sum(
+        counts_toward_budget(t) or t.state == TrialState.RUNNING
+        for t in study.get_trials(deepcopy=False)
+        if t.number < number
+    )
+    return ahead >= n_trials
+
+
+def enqueue(study: Any, trials: list[tuple[str, dict[str, Any]]]) -> int:
+    """Enqueue baseline trials unless a trial with the same params exists (resumes, workers)."""
+    before = len(study.get_trials(deepcopy=False))
+    for label, params in trials:
+        study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+    return len(study.get_trials(deepcopy=False)) - before

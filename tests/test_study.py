@@ -1,0 +1,136 @@
+"""Samplers (seeded, each parameterization), the dirichlet sampler, storage URLs, the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _search_fakes import ensure_methods
+
+from evomerge.errors import ConfigError
+from evomerge.search.space import SearchSpace
+from evomerge.search.study import (
+    FAIL_KIND,
+    budget_state,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    over_budget,
+    storage_url,
+)  # fmt: skip
+
+optuna = pytest.importorskip("optuna")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ensure_methods()
+
+SPACE = """
+base_model: base
+models: [a, b, c]
+method: task_arithmetic
+parameters:
+  weight: {simplex: true}
+  lambda: {low: 0.5, high: 1.5}
+tasks: [t1]
+"""
+TARGET = (0.6, 0.3, 0.1)
+
+
+def _score(recipe) -> float:
+    ws = [m.parameters["weight"] for m in recipe.final.models]
+    return (
+        -sum((w - t) ** 2 for w, t in zip(ws, TARGET, strict=True))
+        - (recipe.final.parameters["lambda"] - 1.0) ** 2
+    )
+
+
+def _run(sampler: str, seed: int, n: int) -> list[dict]:
+    sp = SearchSpace.from_text(SPACE, "s.yaml")
+    smp = make_sampler(sampler, sp, seed, 1)
+    study = optuna.create_study(sampler=smp, direction="maximize")
+    study.optimize(lambda t: _score(sp.suggest(t)), n_trials=n)
+    return [t.params for t in study.trials]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "n"), [("tpe", 14), ("cmaes", 8), ("nsga2", 20), ("qmc", 6), ("dirichlet", 6)]
+)
+def test_same_seed_same_trials(sampler, n):
+    a, b = _run(sampler, 3, n), _run(sampler, 3, n)
+    assert a == b
+    assert a != _run(sampler, 4, n)
+
+
+def test_gp_seeded():
+    assert _run("gp", 0, 12) == _run("gp", 0, 12)
+
+
+def test_tpe_beats_random_start():
+    """After its 10 random start-up trials, TPE's proposals score better on average."""
+    sp = SearchSpace.from_text(SPACE, "s.yaml")
+    study = optuna.create_study(sampler=make_sampler("tpe", sp, 0, 1), direction="maximize")
+    study.optimize(lambda t: _score(sp.suggest(t)), n_trials=40)
+    vals = [t.value for t in study.trials]
+    assert sum(vals[-10:]) / 10 > sum(vals[:10]) / 10
+
+
+def test_dirichlet_sampler_draws_flat_dirichlet_exactly_on_the_simplex():
+    sp = SearchSpace.from_text(SPACE, "s.yaml")
+    smp = make_sampler("dirichlet", sp, 0, 1)
+    study = optuna.create_study(sampler=smp)
+    ws = []
+    for _ in range(600):
+        trial = study.ask()
+        stage = sp.suggest(trial).final
+        study.tell(trial, 0.0)
+        w = [m.parameters["weight"] for m in stage.models]
+        assert sum(w) == pytest.approx(1.0)
+        assert 0.5 <= stage.parameters["lambda"] <= 1.5
+        ws.append(w)
+    for k in range(3):  # flat Dirichlet(1, 1, 1): E[w_k] = 1/3, Var = 1/18 (sd of mean 0.0096)
+        assert sum(w[k] for w in ws) / len(ws) == pytest.approx(1 / 3, abs=0.035)
+    var0 = sum((w[0] - 1 / 3) ** 2 for w in ws) / len(ws)
+    assert var0 == pytest.approx(1 / 18, rel=0.2)
+
+
+def test_storage_urls(tmp_path: Path):
+    assert storage_url(None, tmp_path) == f"sqlite:///{tmp_path / 'study.db'}"
+    assert storage_url("journal", tmp_path) == f"journal:{tmp_path / 'journal.log'}"
+    assert storage_url("x/j.log", tmp_path) == "journal:x/j.log"
+    assert storage_url("postgresql://u@h/db", tmp_path) == "postgresql://u@h/db"
+    with pytest.raises(ConfigError, match="expected an Optuna URL"):
+        storage_url("nonsense", tmp_path)
+
+
+def test_pruners():
+    assert make_pruner("wilcoxon", 1)[1] == "examples"
+    assert make_pruner("median", 1)[1] == "docs"
+    assert make_pruner("median", 2)[1] == "none"  # multi-objective: Optuna cannot prune
+    assert make_pruner("median", 1, enabled=False)[1] == "none"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_budget_counts_and_surplus(tmp_path: Path, kind: str):
+    url = storage_url(None if kind == "sqlite" else "journal", tmp_path)
+    study = open_study("s", open_storage(url), None, None, ["maximize"])
+    study.tell(study.ask(), 1.0)  # complete: counts
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)  # counts
+    t = study.ask()
+    t.set_user_attr(FAIL_KIND, "candidate")
+    study.tell(t, state=optuna.trial.TrialState.FAIL)  # a failed candidate: counts
+    t = study.ask()
+    t.set_user_attr(FAIL_KIND, "interrupted")
+    study.tell(t, state=optuna.trial.TrialState.FAIL)  # Ctrl-C: does not count
+    running = study.ask()
+    assert budget_state(study) == (3, 1)
+    assert not over_budget(study, running.number, 4)
+    late = study.ask()  # asked while `running` still runs: with a budget of 4 it is surplus
+    assert over_budget(study, late.number, 4) and not over_budget(study, late.number, 5)
+    assert not over_budget(study, late.number, None)
+
+
+def test_reopen_with_other_directions_is_a_config_error(tmp_path: Path):
+    url = storage_url(None, tmp_path)
+    open_study("s", open_storage(url), None, None, ["maximize"])
+    with pytest.raises(ConfigError, match="directions"):
+        open_study("s", open_storage(url), None, None, ["maximize", "minimize"])
