@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from evomerge import __version__
 
-# command -> "module:function"; the function takes the parsed argparse.Namespace, returns an exit code
+# command -> "module:function"; the function takes the argparse.Namespace, returns an exit code
 COMMANDS: dict[str, str] = {
     "merge": "evomerge.merge.engine:cli_merge",
     "search": "evomerge.loop:cli_search",
@@ -140,8 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected bug: a traceback only when asked for
         if os.environ.get("EVOMERGE_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set EVOMERGE_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (set EVOMERGE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -20,7 +20,8 @@ def gradient_t(tensor_name: str, num_layers: int) -> float:
     """Position in [0, 1] at which gradient (list) parameters are evaluated for a tensor.
 
     Layer i of n is at i / (n - 1) (mergekit's convention for a slice covering the model);
-    the only layer of a one-layer model is at 1; tensors outside the decoder layers (embeddings, final norm, lm_head) are at 0.
+    the only layer of a one-layer model is at 1; tensors outside the decoder layers
+    (embeddings, final norm, lm_head) are at 0.
     """
     idx = layer_index(tensor_name)
     if idx is None:
