@@ -23,7 +23,7 @@ class MergeError(EvomergeError):
 
 
 class CandidateError(EvomergeError):
-    """One search candidate failed (NaN logits, out of memory): the trial fails, the study goes on."""
+    """One candidate failed (NaN logits, out of memory): the trial fails, the study goes on."""
 
 
 class NotBuiltError(EvomergeError):
