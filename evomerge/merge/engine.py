@@ -1,0 +1,454 @@
+"""Streaming disk merge: `evomerge merge RECIPE.yaml OUT_DIR`.
+
+For each stage: open every source lazily, check architectures, tensor names and shapes before
+any tensor work, plan the output tensors, then stream: each output tensor's sources are read
+into reused float32 buffers, merged by the recipe's method, cast and written straight to its
+place in a shard. Peak memory is a few tensors (the largest, times the number of models).
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import ConfigError, MergeError
+from evomerge.merge.arch import _LAYER, gradient_t, layer_index
+from evomerge.merge.io import (
+    CheckpointReader,
+    CheckpointWriter,
+    check_out_dir,
+    open_checkpoint,
+    parse_size,
+    torch_dtype,
+)
+from evomerge.merge.tokenizer import (
+    VocabPlan,
+    check_vocab_rows,
+    is_vocab_tensor,
+    plan_vocab,
+    tokenizer_files,
+)
+
+if TYPE_CHECKING:
+    import argparse
+
+    import torch
+
+    from evomerge.recipe import MergeStage, Recipe
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class OutTensor:
+    """One output tensor: where its inputs come from and how it is merged."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: list[tuple[str, str]]  # (model key, tensor name) in the sub-stage's models order
+    base: tuple[str, str] | None  # read separately when the base is not among the sources
+    stage: MergeStage  # the stage (or a slice's view of it) that merges this tensor
+    t: float
+
+
+def rename_layer(name: str, index: int) -> str:
+    """`model.layers.7.mlp.up_proj.weight` with index 2 -> `model.layers.2.mlp.up_proj.weight`."""
+    m = _LAYER.search(name)
+    assert m is not None  # only called on names that layer_index() recognised
+    return name[: m.start(1)] + str(index) + name[m.end(1) :]
+
+
+def _pattern(name: str) -> str:
+    idx = layer_index(name)
+    return name if idx is None else rename_layer(name, 0).replace(".layers.0.", ".layers.*.")
+
+
+# ---- checks before any tensor work ------------------------------------------------------------
+
+
+def check_compatible(readers: Mapping[str, CheckpointReader], by_pattern: bool) -> None:
+    """Same architecture, same tensor names (or name patterns for slices), same shapes."""
+    keys = list(readers)
+    first = readers[keys[0]]
+
+    def arch(r: CheckpointReader) -> tuple[Any, Any]:
+        return r.config.get("model_type"), tuple(r.config.get("architectures") or ())
+
+    def names(r: CheckpointReader) -> dict[str, str]:  # pattern -> an example tensor name
+        return {(_pattern(n) if by_pattern else n): n for n in r.keys()}
+
+    ref_names = names(first)
+    for k in keys[1:]:
+        r = readers[k]
+        if arch(r) != arch(first):
+            raise MergeError(
+                f"models '{keys[0]}' and '{k}' have different architectures: "
+                f"{arch(first)} vs {arch(r)}"
+            )
+        other = names(r)
+        diff = sorted(set(ref_names) ^ set(other))
+        if diff:
+            where = keys[0] if diff[0] in ref_names else k
+            raise MergeError(
+                f"models '{keys[0]}' and '{k}' have different tensors: '{diff[0]}' is only in "
+                f"'{where}' ({len(diff)} differ)"
+            )
+        for pat, n in ref_names.items():
+            if is_vocab_tensor(n):
+                continue  # checked against the tokenizer plan
+            s0, s1 = first.shape(n), r.shape(other[pat])
+            if s0 != s1:
+                raise MergeError(
+                    f"tensor '{n}' has shape {list(s0)} in '{keys[0]}' but {list(s1)} in '{k}'"
+                )
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+
+def _view(stage: MergeStage, si: int) -> MergeStage:
+    """A slice seen as a plain stage: its sources are the models, its parameters on top."""
+    from evomerge.recipe import InputModel
+
+    sl = stage.slices[si]  # type: ignore[index]
+    models = [InputModel(s.model, dict(s.parameters)) for s in sl.sources]
+    return replace(
+        stage, models=models, slices=None, parameters={**stage.parameters, **sl.parameters}
+    )
+
+
+def plan_models(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
+    from evomerge.recipe import base_index
+
+    keys = [str(m.model) for m in stage.models]
+    n_layers = int(readers[base_key].config.get("num_hidden_layers", 0))
+    separate_base = stage.base_model is not None and base_index(stage) is None
+    out = []
+    for name in readers[base_key].keys():
+        base = (base_key, name) if separate_base else None
+        t = gradient_t(name, n_layers)
+        out.append(
+            OutTensor(
+                name, readers[base_key].shape(name), [(k, name) for k in keys], base, stage, t
+            )
+        )
+    return out, None
+
+
+def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
+    """Output layers numbered consecutively across slices; layer j of a slice of length L comes
+    from source layer layer_range[0] + j of each source, at gradient t = j / (L - 1)."""
+    from evomerge.recipe import base_index
+
+    out: list[OutTensor] = []
+    layer_map: list[tuple[str, int]] = []  # output layer -> (model key, source layer)
+    for si, sl in enumerate(stage.slices or []):
+        view = _view(stage, si)
+        keys = [str(s.model) for s in sl.sources]
+        first = readers[keys[0]]
+        lo, hi = sl.sources[0].layer_range
+        suffixes = [n for n in first.keys() if layer_index(n) == lo]
+        base = None
+        if stage.base_model is not None and base_index(stage, si) is None:
+            base = str(stage.base_model)
+        for j in range(hi - lo):
+            t = j / (hi - lo - 1) if hi - lo > 1 else 0.0
+            for n in suffixes:
+                srcs = [
+                    (k, rename_layer(n, s.layer_range[0] + j))
+                    for k, s in zip(keys, sl.sources, strict=True)
+                ]
+                b = (base, rename_layer(n, lo + j)) if base else None
+                name = rename_layer(n, len(layer_map))
+                out.append(OutTensor(name, first.shape(n), srcs, b, view, t))
+            layer_map.append((keys[0], lo + j))
+    # embeddings, final norm, lm_head: passthrough copies them from the base (or the first
+    # source); other methods merge the first slice's sources at t = 0
+    view = _view(stage, 0)
+    if stage.merge_method == "passthrough":
+        from evomerge.recipe import InputModel
+
+        src = stage.base_model or stage.slices[0].sources[0].model  # type: ignore[index]
+        view = replace(view, models=[InputModel(src)])
+    keys = [str(m.model) for m in view.models]
+    for n in readers[base_key].keys():
+        if layer_index(n) is None:
+            out.append(
+                OutTensor(n, readers[keys[0]].shape(n), [(k, n) for k in keys], None, view, 0.0)
+            )
+    return out, layer_map
+
+
+def output_config(
+    base_cfg: dict,
+    readers: Mapping[str, CheckpointReader],
+    layer_map,
+    vocab: VocabPlan | None,
+    dtype: torch.dtype,
+) -> dict:
+    """Base config with the new layer count (per-layer lists re-indexed), vocab size, dtype."""
+    cfg = copy.deepcopy(base_cfg)
+    if layer_map is not None:
+        old_n = int(base_cfg.get("num_hidden_layers", 0))
+        cfg["num_hidden_layers"] = len(layer_map)
+        for key, value in base_cfg.items():
+            if (isinstance(value, list) and len(value) == old_n and old_n > 1) or (
+                key == "layer_types" and isinstance(value, list)
+            ):
+                new = []
+                for model_key, src in layer_map:
+                    lst = readers[model_key].config.get(key)
+                    lst = lst if isinstance(lst, list) and src < len(lst) else value
+                    new.append(lst[min(src, len(lst) - 1)])
+                cfg[key] = new
+        if "max_window_layers" in cfg:  # Qwen2: layers past this index use sliding windows
+            cfg["max_window_layers"] = min(cfg["max_window_layers"], len(layer_map))
+    if vocab is not None:
+        cfg["vocab_size"] = vocab.vocab_size
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "torch_dtype":
+            cfg[key] = name
+    return cfg
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+class Buffers:
+    """Reused float32 buffers keyed by (role, shape): fresh tensors are slow (page faults)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[tuple[str, int, tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, role: str, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        key = (role, n, shape)
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty((n, *shape), dtype=torch.float32, device=self.device)
+        return self._bufs[key]
+
+
+def _read_stack(
+    item: OutTensor, readers: Mapping[str, CheckpointReader], bufs: Buffers, vocab: VocabPlan | None
+) -> torch.Tensor:
+    """The sources of one output tensor, stacked in the sub-stage's models order."""
+    import torch
+
+    if vocab is not None and not vocab.identity and is_vocab_tensor(item.name):
+        # rows are permuted into the output vocabulary before the method sees them
+        keys = list(vocab.perms)
+        full = {}
+        for k in keys:
+            name = item.sources[0][1]
+            if name in readers[k].keys():
+                full[k] = readers[k].get_tensor(name).to(bufs.device, torch.float32)
+        aligned = vocab.align(full)
+        return torch.stack([aligned[k] for k, _ in item.sources]).to(bufs.device)
+    stacked = bufs.get("models", len(item.sources), item.shape)  # (n, *shape)
+    for i, (k, name) in enumerate(item.sources):
+        readers[k].read_into(name, stacked[i])
+    return stacked
+
+
+def _merge_one(item, readers, bufs, vocab, merge_tensor) -> torch.Tensor:
+    from evomerge.recipe import base_index
+
+    stacked = _read_stack(item, readers, bufs, vocab)
+    bi = base_index(item.stage)
+    if bi is not None:
+        base = stacked[bi]
+    elif item.base is not None:
+        base = bufs.get("base", 1, item.shape)[0]
+        readers[item.base[0]].read_into(item.base[1], base)
+    else:
+        base = None
+    return merge_tensor(item.stage, item.name, stacked, base, item.t)
+
+
+def _open_all(stage, stages, allow_pickle, trust_remote_code) -> dict[str, CheckpointReader]:
+    from evomerge.recipe import stage_models
+
+    readers: dict[str, CheckpointReader] = {}
+    try:
+        for ref in stage_models(stage):
+            readers[str(ref)] = open_checkpoint(
+                ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, stages=stages
+            )
+    except BaseException:
+        for r in readers.values():
+            r.close()
+        raise
+    return readers
+
+
+def merge_stage(
+    stage: MergeStage,
+    target: Path,
+    *,
+    stages: Mapping[str, Path],
+    device: torch.device,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    max_shard_bytes: int,
+    progress: bool,
+    extra_files: Mapping[str, str] | None = None,
+    label: str = "merge",
+) -> Path:
+    """Merge one stage into `target` (written atomically)."""
+    from tqdm.auto import tqdm
+
+    from evomerge.merge.resolve import merge_tensor
+    from evomerge.recipe import validate_layer_ranges
+
+    readers = _open_all(stage, stages, allow_pickle, trust_remote_code)
+    try:
+        keys = list(readers)
+        base_key = str(stage.base_model) if stage.base_model is not None else keys[0]
+        check_compatible(readers, by_pattern=stage.slices is not None)
+        validate_layer_ranges(
+            stage, {k: int(r.config.get("num_hidden_layers", 0)) for k, r in readers.items()}
+        )
+        vocab_names = [n for n in readers[base_key].keys() if is_vocab_tensor(n)]
+        dirs = {k: r.path for k, r in readers.items()}
+        rows = {k: r.shape(vocab_names[0])[0] for k, r in readers.items()} if vocab_names else {}
+        vocab = plan_vocab(stage, dirs, rows, base_key) if vocab_names else None
+        if vocab is None:
+            for n in vocab_names:
+                check_vocab_rows(n, {k: r.shape(n) for k, r in readers.items() if n in r.keys()})
+        planner = plan_slices if stage.slices is not None else plan_models
+        items, layer_map = planner(stage, readers, base_key)
+        if vocab is not None and not vocab.identity:
+            for it in items:
+                if is_vocab_tensor(it.name):
+                    it.shape = (vocab.vocab_size, *it.shape[1:])
+        dtype = _out_dtype(stage, readers[base_key])
+        config = output_config(readers[base_key].config, readers, layer_map, vocab, dtype)
+        tok_src, tok_files = tokenizer_files(stage, vocab, dirs, base_key)
+        bufs = Buffers(device)
+        with CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer:
+            writer.plan([(it.name, it.shape) for it in items])
+            for it in tqdm(items, desc=label, unit="tensor", disable=not progress):
+                merged = _merge_one(it, readers, bufs, vocab, merge_tensor)
+                if tuple(merged.shape) != it.shape:
+                    raise MergeError(
+                        f"merge of '{it.name}' gave shape {list(merged.shape)}, "
+                        f"expected {list(it.shape)}"
+                    )
+                writer.add(it.name, merged.to(dtype))
+            files = {**tok_files, **(extra_files or {})}
+            return writer.finish(config, copy_from=tok_src, files=files)
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def _out_dtype(stage: MergeStage, base: CheckpointReader) -> torch.dtype:
+    if stage.out_dtype or stage.dtype:
+        return torch_dtype(stage.out_dtype or stage.dtype)  # type: ignore[arg-type]
+    for n in base.keys():
+        dt = base.dtype(n)
+        if dt.is_floating_point:
+            return dt
+    return torch_dtype("float32")
+
+
+def _device(device: str) -> torch.device:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but torch.cuda.is_available() is False")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"--device must be cpu or cuda, but got '{device}'")
+    return torch.device(device)
+
+
+def with_seeds(recipe: Recipe, seed: int | None) -> Recipe:
+    """A copy whose stages carry the random_seed used: --seed overrides; a random method with
+    no seed gets a fresh one, recorded so the merge can be reproduced from the saved recipe."""
+    from evomerge.merge.registry import get_method
+
+    recipe = copy.deepcopy(recipe)
+    for st in recipe.stages:
+        if seed is not None:
+            st.random_seed = seed
+        elif st.random_seed is None and get_method(st.merge_method).random:
+            st.random_seed = secrets.randbelow(2**31)
+    return recipe
+
+
+def model_card(recipe: Recipe) -> str:
+    from evomerge.recipe import stage_models
+
+    final = recipe.final
+    models = "\n".join(f"- {m}" for m in stage_models(final))
+    return (
+        "---\ntags:\n- merge\n- evomerge\n---\n\n# Merged model\n\n"
+        f"Merged with [evomerge](https://github.com/) using **{final.merge_method}**"
+        f"{f' over {len(recipe.stages)} stages' if len(recipe.stages) > 1 else ''}.\n\n"
+        f"## Models\n\n{models}\n\n## Recipe\n\n"
+        "Reproduce with `evomerge merge recipe.yaml OUT_DIR` "
+        "(the recipe is mergekit-compatible YAML):\n\n```yaml\n"
+    )
+
+
+def merge_recipe(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> Path:
+    """Merge a recipe to disk; returns out_dir. Named intermediate stages live in a temporary
+    folder beside the output and are removed at the end (success or failure)."""
+    from evomerge.recipe import dump_recipe
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    dev = _device(device)
+    recipe = with_seeds(recipe, seed)
+    text = dump_recipe(recipe)
+    extra = {"recipe.yaml": text, "README.md": model_card(recipe) + text + "```\n"}
+    work = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}-stages")
+    stages: dict[str, Path] = {}
+    n = len(recipe.stages)
+    try:
+        for i, stage in enumerate(recipe.stages):
+            final = i == n - 1
+            name = stage.name or f"stage-{i}"
+            target = out_dir if final else work / name
+            merge_stage(
+                stage, target, stages=stages, device=dev, allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code, max_shard_bytes=max_shard_bytes,
+                progress=progress, extra_files=extra if final else None,
+                label=f"merge {name}" if n > 1 else "merge",
+            )  # fmt: skip
+            if stage.name:
+                stages[stage.name] = target
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def cli_merge(args: argparse.Namespace) -> int:
+    from evomerge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = merge_recipe(
+        recipe, args.out_dir, device=args.device, seed=args.seed, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, max_shard_bytes=parse_size(args.shard_size),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(out)
+    return 0
