@@ -157,7 +157,7 @@ def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
         if stage.base_model is not None and base_index(stage, si) is None:
             base = str(stage.base_model)
         for j in range(hi - lo):
-            t = j / (hi - lo - 1) if hi - lo > 1 else 0.0
+            t = j / (hi - lo - 1) if hi - lo > 1 else 1.0  # mergekit: a 1-layer slice is at t=1
             for n in suffixes:
                 srcs = [
                     (k, rename_layer(n, s.layer_range[0] + j))
