@@ -1,0 +1,75 @@
+"""The leaderboard section of a model card (README.md), replaced idempotently on every run.
+
+Two places, as published Hub cards carry them: a `<!-- leaderboard -->` ... `<!--
+/leaderboard -->` markdown table in the body, and model-index `eval_results` in the YAML
+front matter (huggingface_hub.ModelCardData), so the Hub shows the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- leaderboard -->", "<!-- /leaderboard -->"
+SOURCE = "evomerge leaderboard (lm-eval)"
+SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
+def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
+    """Per-task metrics as in published cards: task, metric, n-shot, value ± stderr."""
+    import lm_eval
+
+    lines = [
+        START,
+        "## Evaluation (lm-eval)",
+        "",
+        f"`evomerge leaderboard --tasks {tasks} --backend {backend}` "
+        f"(lm-eval {getattr(lm_eval, '__version__', '?')}).",
+        "",
+        "| Task | Metric | Filter | n-shot | Value | ± Stderr |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in df.itertuples(index=False):
+        name = f"**{r.alias}**" if r.group else r.alias
+        shots = "" if r.n_shot is None or r.n_shot != r.n_shot else int(r.n_shot)
+        err = "" if math.isnan(r.stderr) else f"{r.stderr:.4f}"
+        lines.append(f"| {name} | {r.metric} | {r.filter} | {shots} | {r.value:.4f} | {err} |")
+    return "\n".join([*lines, END])
+
+
+def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
+    """Insert or replace the leaderboard section and eval_results of the card at `path`."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    text = path.read_text() if path.is_file() else ""
+    if not text.lstrip().startswith("---"):
+        text = f"---\nlibrary_name: transformers\n---\n\n# {path.parent.name}\n\n{text}"
+    card = ModelCard(text, ignore_metadata_errors=True)
+    keep = [e for e in card.data.eval_results or [] if e.source_name != SOURCE]
+    new = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=r.task,
+            dataset_name=r.alias,
+            metric_type=r.metric if r.filter == "none" else f"{r.metric} ({r.filter})",
+            metric_value=round(float(r.value), 6),
+            source_name=SOURCE,
+            source_url=SOURCE_URL,
+        )
+        for r in df.itertuples(index=False)
+    ]
+    card.data.eval_results = keep + new or None
+    card.data.model_name = card.data.model_name or path.parent.name
+    card.text = _replace_section(card.text, markdown_table(df, backend=backend, tasks=tasks))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(str(card))
+    tmp.replace(path)
+    return path
+
+
+def _replace_section(body: str, section: str) -> str:
+    start, end = body.find(START), body.find(END)
+    if start != -1 and end > start:
+        return body[:start] + section + body[end + len(END) :]
+    return body.rstrip() + "\n\n" + section + "\n"
