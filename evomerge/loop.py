@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -218,14 +219,20 @@ def run_search(
     )
     # storage (and the study folder) only once the models and tasks loaded: a bad input
     # leaves nothing behind
-    study_dir.mkdir(parents=True, exist_ok=True)
-    store = open_storage(url, heartbeat=heartbeat, grace=cfg.get("grace_period"))
     obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)
     constrained = obj.max_drop is not None
     use_cf = constrained and sampler in CONSTRAINED_SAMPLERS
     smp = make_sampler(sampler, space, seed, len(obj.specs))
     pruner, mode = make_pruner(cfg.get("pruner", "median"), len(obj.specs), prune)
-    st = open_study(name, store, smp, pruner, obj.directions)
+    created = not study_dir.exists()
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        store = open_storage(url, heartbeat=heartbeat, grace=cfg.get("grace_period"))
+        st = open_study(name, store, smp, pruner, obj.directions)
+    except ConfigError:  # bad storage URL or study: leave no half-made results/NAME behind
+        if created:
+            shutil.rmtree(study_dir, ignore_errors=True)
+        raise
     _record_study(st, space, space_path, sampler, seed, obj)
     _record_doc_ids(st, wb)
     write_meta(study_dir, name, url, str(space_path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.card import LEADERBOARD_BEGIN
 from evomerge.errors import ConfigError
 
 MC_DOCS = [
@@ -125,7 +126,7 @@ def test_saved_files_and_card_are_replaced_not_appended(suite):
     acc = df[(df.task == "tiny_mc") & (df.metric == "acc")].value.item()
     assert raw["results"]["tiny_mc"]["acc,none"] == acc
     text = (model / "README.md").read_text()
-    assert text.count("<!-- leaderboard -->") == 1 and "Body." in text
+    assert text.count(LEADERBOARD_BEGIN) == 1 and "Body." in text
     assert "license: apache-2.0" in text
     assert f"| tiny_mc | acc | none | 0 | {acc:.4f} |" in text
     from huggingface_hub import ModelCard

@@ -164,56 +164,84 @@ class HFBackend:
         return self.name.replace("/", "__")
 
     # ------------------------------------------------------------------ log-likelihood
-    @torch.no_grad()
+    @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        # identical model inputs (e.g. the choices of a multiple-choice question whose
-        # answers are one token) share one forward pass, as lm-eval's logits cache does
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
+        # Requests that share a context (the choices of a multiple-choice question) run the
+        # context once; each continuation then runs on a copy of its KV cache. lm-eval runs
+        # context + continuation once per choice, and the context is most of the tokens.
+        by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(requests):
             ctx_ids, cont_ids = self._encode_pair(ctx, cont)
             if not cont_ids:
                 raise ConfigError(f"empty continuation after tokenization: {cont!r}")
+            # lm-eval's left truncation: the model sees the last max_length tokens of ctx+cont
             whole = (ctx_ids + cont_ids)[-(self.max_length + 1) :]
-            groups[tuple(whole[:-1])].append((i, cont_ids))
-        inputs = sorted(groups, key=lambda t: (-len(t), t))  # long first, like lm-eval
+            kept_ctx = whole[: len(whole) - len(cont_ids)]
+            if not kept_ctx:
+                raise ConfigError(
+                    f"continuation of {len(cont_ids)} tokens does not fit the model's maximum "
+                    f"length ({self.max_length}): {cont[:40]!r}"
+                )
+            by_ctx[tuple(kept_ctx)].append((i, cont_ids))
+        contexts = sorted(by_ctx, key=lambda t: (-len(t), t))  # long first, like lm-eval
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for start in range(0, len(inputs), self.batch_size):
-            batch = inputs[start : start + self.batch_size]
-            for inp, logprobs in zip(batch, self._score_batch(batch, groups), strict=True):
-                for i, cont_ids in groups[inp]:
-                    lp = logprobs[-len(cont_ids) :]  # (n_cont, vocab)
-                    target = torch.tensor(cont_ids, device=lp.device)
-                    greedy = bool((lp.argmax(-1) == target).all())
-                    out[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
+        for start in range(0, len(contexts), self.batch_size):
+            batch = contexts[start : start + self.batch_size]
+            for i, score in self._score_contexts(batch, [by_ctx[c] for c in batch]):
+                out[i] = score
         return out
 
-    def _score_batch(self, batch, groups) -> Iterator[torch.Tensor]:
-        """Yield (n_kept, vocab) float32 log-probs per input: its last n_kept positions."""
-        width = len(batch[0])
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        keep = torch.zeros((len(batch), width), dtype=torch.bool)
-        n_keep = []
-        for r, inp in enumerate(batch):
-            # right padding needs no attention mask: a causal model never looks ahead
-            ids[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-            n = max(len(c) for _, c in groups[inp])
-            keep[r, len(inp) - n : len(inp)] = True
-            n_keep.append(n)
-        ids = ids.to(self.device)
-        if self.logits_to_keep_ok:
-            logits = self._forward(ids, logits_to_keep=keep.to(self.device))  # (sum n, vocab)
-        else:
-            logits = self._forward(ids)[keep.to(self.device)]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if not torch.isfinite(logprobs).all():
-            raise CandidateError("the model produced NaN/inf logits")
-        yield from torch.split(logprobs, n_keep)
+    def _score_contexts(
+        self, contexts: list[tuple[int, ...]], conts: list[list[tuple[int, list[int]]]]
+    ) -> Iterator[tuple[int, tuple[float, bool]]]:
+        """Yield (request index, (log-likelihood, is greedy)) for a batch of shared contexts."""
+        ids, mask, pos = _left_pad(contexts, self.pad_id)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        res = self._run(ids, mask, pos, None, 1)
+        first = _log_softmax(res.logits[:, -1, :])  # (n_ctx, vocab): the first cont token
+        rest: list[tuple[int, int, list[int]]] = []  # (context row, request, cont ids)
+        for r, group in enumerate(conts):
+            for i, cont_ids in group:
+                if len(cont_ids) == 1:
+                    yield i, _score(first[r][None], cont_ids)
+                else:
+                    rest.append((r, i, cont_ids))
+        # continuations longer than one token: batch_size rows at a time on expanded caches
+        for start in range(0, len(rest), self.batch_size):
+            chunk = rest[start : start + self.batch_size]
+            rows = torch.tensor([r for r, _, _ in chunk], device=self.device)
+            width = max(len(c) for _, _, c in chunk) - 1
+            tail = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for k, (_, _, c) in enumerate(chunk):
+                tail[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            # right-padded tail: a padded position comes after every scored one (causal)
+            tail_mask = mask.new_ones((len(chunk), width))
+            tail_pos = pos[rows, -1:] + 1 + torch.arange(width, device=self.device)
+            cache = _select_cache(res.past_key_values, rows)
+            logits = self._run(
+                tail.to(self.device), torch.cat([mask[rows], tail_mask], 1), tail_pos, cache, 0
+            ).logits  # (n_rows, width, vocab)
+            for k, (r, i, c) in enumerate(chunk):
+                lp = torch.cat([first[r][None], _log_softmax(logits[k, : len(c) - 1])])
+                yield i, _score(lp, c)
 
-    def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+    def _run(self, ids, mask, pos, cache, logits_to_keep: int) -> Any:
+        """One forward pass with a KV cache (logits_to_keep: 0 = all positions)."""
+        kw = {"logits_to_keep": logits_to_keep} if self.logits_to_keep_ok else {}
         try:
-            return self.model(input_ids=ids, use_cache=False, **kw).logits
+            res = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                **kw,
+            )
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory on a batch of {tuple(ids.shape)}") from exc
+        if logits_to_keep and not self.logits_to_keep_ok:
+            res.logits = res.logits[:, -logits_to_keep:]
+        return res
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -239,6 +267,43 @@ class HFBackend:
                 for i, text in zip(rows, texts, strict=True):
                     out[i] = text
         return out
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """(ids, attention mask, position ids), each (n, width): left padding, positions counted
+    from each row's first real token, so a padded row computes what it would alone."""
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of a KV cache holding the given batch rows (repeats allowed); the original
+    is left as it is, so several continuation chunks can start from it."""
+    import copy
+
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(rows)  # each layer indexes into new tensors
+    return new
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    if not torch.isfinite(lp).all():
+        raise CandidateError("the model produced NaN/inf logits")
+    return lp
+
+
+def _score(logprobs: torch.Tensor, cont_ids: list[int]) -> tuple[float, bool]:
+    """(sum of the continuation's log-probs, every token is the argmax): lm-eval's pair."""
+    target = torch.tensor(cont_ids, device=logprobs.device)  # logprobs: (n_cont, vocab)
+    greedy = bool((logprobs.argmax(-1) == target).all())
+    return float(logprobs.gather(1, target[:, None]).sum()), greedy
 
 
 def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.eval.backends import BACKENDS
 from evomerge.eval.leaderboard_card import update_card
 
-BACKENDS = ("hf", "vllm")
 COLUMNS = ["task", "alias", "metric", "filter", "value", "stderr", "n_shot", "n_samples", "group"]
 HUB_HINT = "run with --tasks zoo_leaderboard offline"
 

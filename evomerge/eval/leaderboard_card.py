@@ -1,7 +1,8 @@
 """The leaderboard section of a model card (README.md), replaced idempotently on every run.
 
-Two places, as published Hub cards carry them: a `<!-- leaderboard -->` ... `<!--
-/leaderboard -->` markdown table in the body, and model-index `eval_results` in the YAML
+Two places, as published Hub cards carry them: a markdown table in the body, inside the
+marked section that evomerge.card owns (`replace_leaderboard`), and model-index
+`eval_results` in the YAML
 front matter (huggingface_hub.ModelCardData), so the Hub shows the scores.
 """
 
@@ -11,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-START, END = "<!-- leaderboard -->", "<!-- /leaderboard -->"
 SOURCE = "evomerge leaderboard (lm-eval)"
 SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 
@@ -21,9 +21,6 @@ def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
     import lm_eval
 
     lines = [
-        START,
-        "## Evaluation (lm-eval)",
-        "",
         f"`evomerge leaderboard --tasks {tasks} --backend {backend}` "
         f"(lm-eval {getattr(lm_eval, '__version__', '?')}).",
         "",
@@ -35,12 +32,14 @@ def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
         shots = "" if r.n_shot is None or r.n_shot != r.n_shot else int(r.n_shot)
         err = "" if math.isnan(r.stderr) else f"{r.stderr:.4f}"
         lines.append(f"| {name} | {r.metric} | {r.filter} | {shots} | {r.value:.4f} | {err} |")
-    return "\n".join([*lines, END])
+    return "\n".join(lines)
 
 
 def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
     """Insert or replace the leaderboard section and eval_results of the card at `path`."""
     from huggingface_hub import EvalResult, ModelCard
+
+    from evomerge.card import replace_leaderboard
 
     text = path.read_text() if path.is_file() else ""
     if not text.lstrip().startswith("---"):
@@ -61,15 +60,8 @@ def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
     ]
     card.data.eval_results = keep + new or None
     card.data.model_name = card.data.model_name or path.parent.name
-    card.text = _replace_section(card.text, markdown_table(df, backend=backend, tasks=tasks))
+    card.text = replace_leaderboard(card.text, markdown_table(df, backend=backend, tasks=tasks))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(str(card))
     tmp.replace(path)
     return path
-
-
-def _replace_section(body: str, section: str) -> str:
-    start, end = body.find(START), body.find(END)
-    if start != -1 and end > start:
-        return body[:start] + section + body[end + len(END) :]
-    return body.rstrip() + "\n\n" + section + "\n"

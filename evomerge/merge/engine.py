@@ -252,25 +252,33 @@ def _read_stack(
                 full[k] = readers[k].get_tensor(name).to(bufs.device, torch.float32)
         aligned = vocab.align(full)
         return torch.stack([aligned[k] for k, _ in item.sources]).to(bufs.device)
-    stacked = bufs.get("models", len(item.sources), item.shape)  # (n, *shape)
+    n = len(item.sources)
+    # a base that is not among the sources goes in the row after them, so the method's input
+    # rows (models, then base: resolve.stack_rows) are this buffer, not a new (n + 1) copy
+    stacked = bufs.get("models", n + (item.base is not None), item.shape)  # (n [+ 1], *shape)
     for i, (k, name) in enumerate(item.sources):
         readers[k].read_into(name, stacked[i])
+    if item.base is not None:
+        readers[item.base[0]].read_into(item.base[1], stacked[n])
     return stacked
 
 
-def _merge_one(item, readers, bufs, vocab, merge_tensor) -> torch.Tensor:
+def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch) -> torch.Tensor:
     from evomerge.recipe import base_index
 
     stacked = _read_stack(item, readers, bufs, vocab)
+    n = len(item.sources)
     bi = base_index(item.stage)
     if bi is not None:
         base = stacked[bi]
     elif item.base is not None:
-        base = bufs.get("base", 1, item.shape)[0]
-        readers[item.base[0]].read_into(item.base[1], base)
+        base = stacked[n] if stacked.shape[0] > n else None
+        if base is None:  # vocabulary-aligned rows came without the base
+            base = bufs.get("base", 1, item.shape)[0]
+            readers[item.base[0]].read_into(item.base[1], base)
     else:
         base = None
-    return merge_tensor(item.stage, item.name, stacked, base, item.t)
+    return merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch)
 
 
 def _open_all(stage, stages, allow_pickle, trust_remote_code) -> dict[str, CheckpointReader]:
@@ -305,6 +313,7 @@ def merge_stage(
     """Merge one stage into `target` (written atomically)."""
     from tqdm.auto import tqdm
 
+    from evomerge.merge.methods import Scratch
     from evomerge.merge.resolve import merge_tensor
     from evomerge.recipe import validate_layer_ranges
 
@@ -333,10 +342,11 @@ def merge_stage(
         config = output_config(readers[base_key].config, readers, layer_map, vocab, dtype)
         tok_src, tok_files = tokenizer_files(stage, vocab, dirs, base_key)
         bufs = Buffers(device)
+        scratch = Scratch()
         with CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer:
             writer.plan([(it.name, it.shape) for it in items])
             for it in tqdm(items, desc=label, unit="tensor", disable=not progress):
-                merged = _merge_one(it, readers, bufs, vocab, merge_tensor)
+                merged = _merge_one(it, readers, bufs, vocab, merge_tensor, scratch)
                 if tuple(merged.shape) != it.shape:
                     raise MergeError(
                         f"merge of '{it.name}' gave shape {list(merged.shape)}, "
@@ -427,7 +437,8 @@ def merge_recipe(
         for i, stage in enumerate(recipe.stages):
             final = i == n - 1
             name = stage.name or f"stage-{i}"
-            target = out_dir if final else work / name
+            # the folder is named by index: a stage name is a label, never a path
+            target = out_dir if final else work / f"stage-{i}"
             merge_stage(
                 stage, target, stages=stages, device=dev, allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code, max_shard_bytes=max_shard_bytes,

@@ -10,6 +10,7 @@ import torch
 
 from evomerge.errors import ConfigError, MergeError
 from evomerge.merge import sparsify as sp
+from evomerge.merge.gta import gta
 from evomerge.merge.registry import MergeInputs, Method, Param, register
 from evomerge.merge.spherical import karcher_mean, multislerp, nuslerp, slerp
 
@@ -43,7 +44,11 @@ def task_vectors(inputs: MergeInputs) -> torch.Tensor:
     if inputs.deltas is not None:
         return inputs.deltas
     rows = non_base_rows(inputs)
-    return inputs.models[rows] - inputs.base
+    models, m = inputs.models, len(rows)
+    if rows == list(range(m)):  # base is the last row: no gather copy
+        out = _empty(inputs, "task_vectors", (m, *models.shape[1:]), models)
+        return torch.sub(models[:m], inputs.base, out=out)
+    return models[rows] - inputs.base
 
 
 def _values(inputs: MergeInputs, name: str, rows: list[int]) -> list[float]:
@@ -59,65 +64,8 @@ def _coef(inputs: MergeInputs, name: str, rows: list[int], like: torch.Tensor) -
 # ---- generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della* -------
 
 
-def _row_mask(inputs: MergeInputs, kind: str, row: int, delta: torch.Tensor, d: float, extra):
-    """Sparsification mask of one task vector (None: keep all); cached statistics if any."""
-    cache, name = inputs.cache, inputs.tensor_name
-    if kind == "magnitude":
-        ranks = cache.ranks(name, row, delta) if cache else sp.magnitude_ranks(delta)
-        return sp.magnitude_mask(ranks, d)
-    if kind == "breadcrumbs":
-        if d >= 1:
-            return None
-        ranks = cache.ranks(name, row, delta) if cache else sp.magnitude_ranks(delta)
-        return sp.breadcrumbs_mask(ranks, d, extra)
-    if d >= 1:
-        return None
-    seed = inputs.seed
-    u = cache.uniform(seed, name, row, delta) if cache else sp.uniform_draws(seed, name, row, delta)
-    if kind == "random":
-        return sp.random_mask(u, d)
-    if d > 0 and (d + extra >= 1 or d - extra <= 0):
-        raise ConfigError(
-            f"tensor '{name}', model row {row}: della needs density ± epsilon inside (0, 1), "
-            f"but density={d:g}, epsilon={extra:g}"
-        )
-    rank_norm = cache.rank_norm(name, row, delta) if cache else sp.della_rank_norm(delta)
-    return sp.della_mask(rank_norm, u, d, extra)
-
-
 def _gta(inputs: MergeInputs, kind: str | None, consensus: str | None) -> torch.Tensor:
-    base = inputs.base
-    assert base is not None  # resolve guarantees a base for needs_base methods
-    rows = non_base_rows(inputs)
-    if not rows:
-        return base.clone()
-    tv = task_vectors(inputs)  # (m, *shape)
-    p = inputs.params
-    deltas = _empty(inputs, "gta.deltas", tuple(tv.shape), tv)  # (m, *shape)
-    density = _values(inputs, "density", rows)
-    extra_name = {"breadcrumbs": "gamma", "della": "epsilon"}.get(kind or "")
-    extras = _values(inputs, extra_name, rows) if extra_name else [None] * len(rows)
-    rescale = bool(p["rescale"])
-    for j, row in enumerate(rows):
-        mask = None if kind is None else _row_mask(inputs, kind, row, tv[j], density[j], extras[j])
-        l1 = inputs.cache.l1(inputs.tensor_name, row, tv[j]) if inputs.cache and rescale else None
-        sp.apply_mask(tv[j], mask, rescale, l1, out=deltas[j])
-    weights = _coef(inputs, "weight", rows, deltas)  # (m, 1, ..., 1)
-    deltas.mul_(weights)
-    if consensus:
-        mask = sp.sign_consensus(deltas, consensus)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed = deltas.mul_(mask).sum(dim=0)
-    else:
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-        mixed = deltas.sum(dim=0)
-    if p["normalize"]:
-        mixed /= divisor
-    if p["lambda"] != 1:
-        mixed *= p["lambda"]
-    return torch.add(base, mixed, out=_empty(inputs, "out", tuple(base.shape), base))
+    return gta(inputs, kind, consensus, lambda key, shape, like: _empty(inputs, key, shape, like))
 
 
 # ---- other methods ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from evomerge.recipe import ModelRef, evaluate_setting
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.methods import Scratch
     from evomerge.merge.sparsify import SparsifyCache
     from evomerge.recipe import MergeStage, ParamValue, Scalar
 
@@ -172,10 +173,24 @@ def stack_rows(stage: MergeStage, tensor_name: str, models, base):
             f"tensor '{tensor_name}': base shape {tuple(base.shape)} does not match the "
             f"models' {tuple(models.shape[1:])}"
         )
+    if _next_row(models, base):  # the caller laid the base out after the models: no copy
+        return models.as_strided((n_listed + 1, *base.shape), models.stride())
     rows = torch.empty((n_listed + 1, *base.shape), dtype=torch.float32, device=models.device)
     rows[:n_listed] = models
     rows[n_listed] = base
     return rows
+
+
+def _next_row(models: torch.Tensor, base: torch.Tensor) -> bool:
+    """True when base is the float32 row right after `models` in one contiguous storage."""
+    import torch
+
+    if models.dtype != torch.float32 or base.dtype != torch.float32 or models.shape[0] == 0:
+        return False
+    if not (models.is_contiguous() and base.is_contiguous()):
+        return False
+    same = models.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    return same and base.data_ptr() == models.data_ptr() + models.numel() * 4
 
 
 def build_inputs(
@@ -198,11 +213,14 @@ def merge_tensor(
     base: torch.Tensor | None,
     t: float,
     cache: SparsifyCache | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """Merge one output tensor (the disk path). Returns a new float32 tensor."""
+    """Merge one output tensor (the disk path). Returns a float32 tensor: a new one, or with
+    `scratch` possibly one of its reused buffers (consume it before the next call)."""
     import torch
 
     inputs = build_inputs(stage, tensor_name, models, base, t)
     inputs.cache = cache
+    inputs.scratch = scratch
     out = get_method(stage.merge_method).fn(inputs)
     return out.to(torch.float32)

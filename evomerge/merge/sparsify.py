@@ -98,6 +98,8 @@ class SparsifyCache:
 
     def __init__(self) -> None:
         self._store: dict[tuple, torch.Tensor] = {}
+        # (tensor, row, mask kind, density, extra, seed) -> rescale factor (float or None)
+        self.factors: dict[tuple, float | None] = {}
 
     def _get(self, key: tuple, make) -> torch.Tensor:
         value = self._store.get(key)
@@ -120,6 +122,7 @@ class SparsifyCache:
 
     def clear(self) -> None:
         self._store.clear()
+        self.factors.clear()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._store.values())

@@ -10,6 +10,7 @@ command finishes the budget with no completed trial lost or run twice.
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from collections.abc import Sequence
@@ -168,14 +169,28 @@ def open_storage(url: str, heartbeat: int = 30, grace: int | None = None) -> Any
 def _rdb(url: str, kwargs: dict | None, heartbeat: int, grace: int | None) -> Any:
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=heartbeat,
-        grace_period=grace or 4 * heartbeat,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    last: Exception | None = None
+    for _ in range(5):  # workers starting together race to create the schema (PostgreSQL types)
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=grace or 4 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except ImportError as exc:  # the URL's database driver is not installed
+            raise ConfigError(
+                f"--storage '{url}': no database driver for it ({exc}); for PostgreSQL "
+                "pip install psycopg2-binary and use postgresql+psycopg2://..."
+            ) from None
+        except SQLAlchemyError as exc:
+            last = exc
+            time.sleep(0.5 + random.random())
+    first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+    raise ConfigError(f"--storage '{url}': cannot open the database: {first}")
 
 
 def open_study(
