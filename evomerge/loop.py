@@ -233,6 +233,10 @@ def run_search(
         if created:
             shutil.rmtree(study_dir, ignore_errors=True)
         raise
+    if st.get_trials(deepcopy=False):
+        # resuming or joining: a sampler seeded as before would replay the proposals (random
+        # start-up draws) it already made, so the same candidates would be evaluated again
+        st.sampler.reseed_rng()
     _record_study(st, space, space_path, sampler, seed, obj)
     _record_doc_ids(st, wb)
     write_meta(study_dir, name, url, str(space_path))
@@ -282,6 +286,7 @@ def run_search(
             values = obj.penalized(values, violation)
         return values if len(values) > 1 else values[0]
 
+    nudged: set[int] = set()
     done, _ = budget_state(st)
     bar = tqdm(
         total=n_trials,
@@ -301,6 +306,7 @@ def run_search(
                 if getattr(store, "heartbeat_interval", None) is None:
                     break  # no heartbeats: cannot tell a slow worker from a dead one
                 optuna.storages.fail_stale_trials(st)  # a dead worker's trial is re-queued
+                _first_heartbeat(store, st, nudged)
                 time.sleep(min(2.0, heartbeat))
                 continue
             t0 = time.time()
@@ -324,6 +330,23 @@ def run_search(
     if not quiet:
         print(status_text(out, top=10), file=sys.stderr)
     return out
+
+
+def _first_heartbeat(store: Any, st: Any, nudged: set[int]) -> None:
+    """A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial
+    that Optuna never calls stale (it has no heartbeat to age), so the budget would wait on it
+    forever. Record one heartbeat per RUNNING trial on its behalf: a dead trial then goes stale
+    after the grace period; a live worker's own heartbeats carry on as before."""
+    from optuna.trial import TrialState
+
+    study_id = None
+    for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in nudged:
+            continue
+        if study_id is None:
+            study_id = store.get_study_id_from_name(st.study_name)
+        store.record_heartbeat(store.get_trial_id_from_study_id_trial_number(study_id, t.number))
+        nudged.add(t.number)
 
 
 def _record_study(

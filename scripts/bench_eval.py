@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             specs = sorted(str(f) for f in (REPO / "evals").glob("*.yaml"))
         rows = []
+        load_before = os.getloadavg()[0]
         for m in models:
             print(f"{m.name}: tasks {', '.join(Path(s).stem for s in specs)}")
             rows.append(bench_model(m, specs, args))
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:24} {r['ours']:8.2f} {r['lm_eval']:10.2f} {r['ratio']:6.1f}x  "
               f"{r['identical']!s:9}  (lm-eval first call {r['first_lm_eval']:.1f} s; "
               f"our one-off setup {r['setup']:.1f} s)")  # fmt: skip
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs; torch threads {args.threads}")  # fmt: skip
     return 0 if all(r["identical"] for r in rows) else 1
 
 

@@ -79,6 +79,57 @@ def test_loglikelihood_matches_naive_reference(backend):
     assert backend._encode_pair("add 3+4= ", "7")[1] == backend._encode(" 7")[1:]
 
 
+def test_shared_context_choices_match_naive_reference(model_dir):
+    """Multiple-choice shape: contexts of different lengths, each with several choices of
+    1-4 tokens; batch_size 2 forces several context batches and continuation chunks that
+    start from one cached context."""
+    be = HFBackend(model_dir, batch_size=2)
+    choices = ["7", " 7", "77", " no", "a b", "zz", "q"]
+    reqs = [(ctx, c) for ctx in ["add 3+4=", "x", "rev hello world=", "x"] for c in choices]
+    for (ctx, cont), (ll, greedy) in zip(reqs, be.loglikelihood(reqs), strict=True):
+        ref_ll, ref_greedy = naive_loglikelihood(be, ctx, cont)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+SHOT = "Q: add 3+4=7\nQ: rev ab=ba\nQ: "  # a prefix every prompt shares (few-shot style)
+
+
+def test_shared_prompt_prefix_runs_once_with_same_results(model_dir):
+    """Prompts sharing a long prefix: the prefix runs once and its cache is repeated, with the
+    rows' own tokens left-padded after it ([shared | padding | own]); scores and generations
+    equal the naive one-request references."""
+    be = HFBackend(model_dir, batch_size=8)
+    shapes, run = [], be._run
+    be._run = lambda ids, *a: shapes.append(tuple(ids.shape)) or run(ids, *a)
+    ctxs = [SHOT + q for q in ["add 1+2=", "rev hello=", "x", "cap Velmora is", "a"]]
+    reqs = [(c, cont) for c in ctxs for cont in ["7", " ab", "no way"]]
+    for (ctx, cont), (ll, greedy) in zip(reqs, be.loglikelihood(reqs), strict=True):
+        ref_ll, ref_greedy = naive_loglikelihood(be, ctx, cont)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+    spec = GenerationSpec(until=("\n",), max_gen_toks=6)
+    got = be.generate([(c, spec) for c in ctxs])
+    assert got == [naive_generate(be, c, spec.until, spec.max_gen_toks) for c in ctxs]
+    n_shared = len(be._encode(SHOT))  # BOS + one id per character
+    assert shapes[0] == (1, n_shared)  # the shared prefix ran alone, once per batch
+
+
+def test_left_truncation_like_lm_eval(model_dir):
+    """Inputs longer than max_length keep their last max_length tokens (lm-eval's rule);
+    a continuation that cannot fit is a ConfigError."""
+    be = HFBackend(model_dir, batch_size=4, max_length=8)
+    ctx, cont = "abcdefghijkl", "mno"
+    ids_ctx, ids_cont = be._encode_pair(ctx, cont)
+    kept = (ids_ctx + ids_cont)[-9:-1]  # the model's 8 input tokens
+    with torch.no_grad():
+        logp = torch.log_softmax(be.model(torch.tensor([kept])).logits[0].float(), -1)
+    ref = float(logp[-3:].gather(1, torch.tensor(ids_cont)[:, None]).sum())
+    assert be.loglikelihood([(ctx, cont)])[0][0] == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(ConfigError, match="does not fit"):
+        be.loglikelihood([("ab", "cdefghijklmn")])
+
+
 def test_batch_size_does_not_change_results(model_dir):
     one = HFBackend(model_dir, batch_size=1)
     many = HFBackend(model_dir, batch_size=64)

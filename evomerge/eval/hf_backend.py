@@ -20,7 +20,7 @@ import torch
 
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_generate import greedy_generate
+from evomerge.eval.hf_generate import greedy_generate, prefill
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -176,7 +176,7 @@ class HFBackend:
                 raise ConfigError(f"empty continuation after tokenization: {cont!r}")
             # lm-eval's left truncation: the model sees the last max_length tokens of ctx+cont
             whole = (ctx_ids + cont_ids)[-(self.max_length + 1) :]
-            kept_ctx = whole[: len(whole) - len(cont_ids)]
+            kept_ctx = whole[: max(len(whole) - len(cont_ids), 0)]
             if not kept_ctx:
                 raise ConfigError(
                     f"continuation of {len(cont_ids)} tokens does not fit the model's maximum "
@@ -195,9 +195,7 @@ class HFBackend:
         self, contexts: list[tuple[int, ...]], conts: list[list[tuple[int, list[int]]]]
     ) -> Iterator[tuple[int, tuple[float, bool]]]:
         """Yield (request index, (log-likelihood, is greedy)) for a batch of shared contexts."""
-        ids, mask, pos = _left_pad(contexts, self.pad_id)
-        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
-        res = self._run(ids, mask, pos, None, 1)
+        res, mask, last_pos = prefill(self, contexts)  # mask (n_ctx, cached), last_pos (n_ctx,)
         first = _log_softmax(res.logits[:, -1, :])  # (n_ctx, vocab): the first cont token
         rest: list[tuple[int, int, list[int]]] = []  # (context row, request, cont ids)
         for r, group in enumerate(conts):
@@ -216,7 +214,7 @@ class HFBackend:
                 tail[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
             # right-padded tail: a padded position comes after every scored one (causal)
             tail_mask = mask.new_ones((len(chunk), width))
-            tail_pos = pos[rows, -1:] + 1 + torch.arange(width, device=self.device)
+            tail_pos = last_pos[rows, None] + 1 + torch.arange(width, device=self.device)
             cache = _select_cache(res.past_key_values, rows)
             logits = self._run(
                 tail.to(self.device), torch.cat([mask[rows], tail_mask], 1), tail_pos, cache, 0
@@ -244,7 +242,7 @@ class HFBackend:
         return res
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, requests: Sequence[tuple[str, GenerationSpec]]) -> list[str]:
         by_spec: dict[GenerationSpec, list[int]] = defaultdict(list)
         for i, (_, spec) in enumerate(requests):
@@ -267,18 +265,6 @@ class HFBackend:
                 for i, text in zip(rows, texts, strict=True):
                     out[i] = text
         return out
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
-    """(ids, attention mask, position ids), each (n, width): left padding, positions counted
-    from each row's first real token, so a padded row computes what it would alone."""
-    n, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s) :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _select_cache(cache: Any, rows: torch.Tensor) -> Any:

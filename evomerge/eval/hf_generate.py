@@ -9,6 +9,7 @@ is done; here they leave the batch, so one long answer does not make the others 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from evomerge.eval.hf_backend import HFBackend
 
 
+_MIN_SHARED = 4  # shorter shared prefixes are not worth a forward pass of their own
+
+
 def cut_at_stops(text: str, stops: list[str]) -> str:
     """Text before the first occurrence of any stop string (lm-eval's postprocessing)."""
     for stop in stops:
@@ -28,23 +32,60 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
     return text
 
 
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """(ids, attention mask, position ids), each (n, width): left padding, positions counted
+    from each row's first real token, so a padded row computes what it would alone."""
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(backend: HFBackend, seqs: Sequence[Sequence[int]]) -> tuple[Any, Any, Any]:
+    """Run a batch of prompts: (output with the last position's logits and the KV cache,
+    attention mask (n, cached length), position of each row's last token (n,)).
+
+    A prefix that every prompt shares (an instruction, fixed few-shot examples, the start of
+    a question template) runs once and its cache is repeated for the rows; each row's own
+    tokens follow it, left-padded, so the layout is [shared | padding | own].
+    """
+    device, n = backend.device, len(seqs)
+    shared = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+    cache = None
+    if n > 1 and shared >= _MIN_SHARED:
+        head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
+        ones = torch.ones((1, shared), dtype=torch.long, device=device)
+        cache = backend._run(head, ones, ones.cumsum(-1) - 1, None, 1).past_key_values
+        cache.batch_repeat_interleave(n)
+        seqs = [s[shared:] for s in seqs]
+    else:
+        shared = 0
+    ids, mask, pos = left_pad(seqs, backend.pad_id)  # (n, width) each
+    mask = torch.cat([mask.new_ones((n, shared)), mask], 1).to(device)
+    out = backend._run(ids.to(device), mask, (pos + shared).to(device), cache, 1)
+    return out, mask, pos[:, -1].to(device) + shared
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
+
+
 def greedy_generate(
     backend: HFBackend, prompts: list[list[int]], spec: GenerationSpec
 ) -> list[str]:
     """Generate greedily for a batch of token-id prompts; return the cut texts."""
     tok, device = backend.tokenizer, backend.device
     stops = [s for s in spec.until if s]
-    n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((n, width), backend.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, width): left padding must not shift positions
-    out = _step(backend, ids, mask, pos, None)
-    last_pos = pos[:, -1]  # (n,)
+    out, mask, last_pos = prefill(backend, prompts)
 
+    n = len(prompts)
     active = list(range(n))  # batch row -> prompt index
     generated: list[list[int]] = [[] for _ in range(n)]
     for step in range(spec.max_gen_toks):
@@ -70,23 +111,9 @@ def greedy_generate(
             active = [active[j] for j in still]
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
         last_pos = last_pos + 1
-        out = _step(backend, nxt[:, None], mask, last_pos[:, None], cache)
+        out = backend._run(nxt[:, None], mask, last_pos[:, None], cache, 1)
     return [cut_at_stops(tok.decode(g, skip_special_tokens=True), stops) for g in generated]
 
 
 def _has_stop(text: str, stops: list[str]) -> bool:
     return any(s in text for s in stops)
-
-
-def _step(backend: HFBackend, ids, mask, pos, cache) -> Any:
-    try:
-        return backend.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            **({"logits_to_keep": 1} if backend.logits_to_keep_ok else {}),
-        )
-    except torch.OutOfMemoryError as exc:
-        raise CandidateError(f"out of memory generating for a batch of {tuple(ids.shape)}") from exc

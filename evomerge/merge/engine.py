@@ -447,6 +447,8 @@ def merge_recipe(
             )  # fmt: skip
             if stage.name:
                 stages[stage.name] = target
+    except OSError as exc:  # disk full, permissions: the writer already removed its temp folder
+        raise MergeError(f"{out_dir}: cannot write the merge: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir

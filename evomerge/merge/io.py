@@ -458,7 +458,6 @@ class CheckpointWriter:
         """Write shards, index, config.json, generation_config.json, tokenizer files copied from
         `copy_from`, then `files` (name -> content; overrides copies), then move into place."""
         self._close_shards()
-        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if copy_from is not None:
             for name in (*TOKENIZER_FILES, "generation_config.json"):
                 if (Path(copy_from) / name).is_file():
@@ -475,6 +474,11 @@ class CheckpointWriter:
                 target.write_text(content)
         (self.tmp / MARKER).write_text("written by evomerge; safe to overwrite with a new merge\n")
         self._move_into_place()
+        # config.json last and atomically: a folder with one loads as a checkpoint, so a crash
+        # at any moment leaves no folder (temporary or final) that looks complete but is not
+        part = self.out_dir / "config.json.part"
+        part.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(part, self.out_dir / "config.json")
         return self.out_dir
 
     def _move_into_place(self) -> None:

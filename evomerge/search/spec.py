@@ -298,9 +298,32 @@ def _num_layers(data: dict, base: str | None, models: list[str]) -> int | None:
     return None
 
 
+# top-level keys whose value must have one shape (checked first: later code iterates them)
+_SHAPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "models": ((list,), "a list of model paths"),
+    "tasks": ((list,), "a list of task names or YAML files"),
+    "method": ((str, list), "a method name or a list of names"),
+    **{
+        k: ((dict,), "a mapping")
+        for k in ("parameters", "method_parameters", "eval", "search", "constraint")
+    },
+}
+
+
+def _check_types(data: dict, source: str) -> None:
+    for key, (types, what) in _SHAPES.items():
+        v = data.get(key)
+        if v is not None and not isinstance(v, types):
+            raise ConfigError(f"{source}: {key}: expected {what}, but got {v!r}")
+    method = data.get("method")
+    if isinstance(method, list) and not all(isinstance(m, str) for m in method):
+        raise ConfigError(f"{source}: method: expected method names, but got {method!r}")
+
+
 def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
     """Validate a search-space mapping (a parsed YAML document) into a SpaceSpec."""
     _check_keys(data, TOP_KEYS, source, "search-space key")
+    _check_types(data, source)
     models = [str(m) for m in data.get("models") or []]
     if not models:
         raise ConfigError(f"{source}: models: expected a list of model paths, but got none")

@@ -1,0 +1,351 @@
+"""`evomerge zoo`: train the tiny offline model zoo (a base and one expert per task) on CPU.
+
+The zoo is where merging is a real problem: the base knows every prompt format and the easy
+version of every skill; each expert is fine-tuned from the base on the hard version of one task
+with replay of the base mix, so it stays in the base's basin (its task vector merges) and keeps
+the other skills at base level. See zoo_tasks.py for the tasks and evals/ for their lm-eval form.
+
+Layout: OUT/base, OUT/<task> for task in zoo_tasks.TASKS (ordinary HF Qwen2 checkpoints), and
+OUT/zoo.json, written last, whose settings hash marks a finished zoo (then it is reused).
+Each model is written to a temporary folder and renamed, so a crash leaves no half-written
+model; an interrupted build resumes from the models it finished (training is deterministic, so
+the result is bit-identical to an uninterrupted build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import ConfigError
+from evomerge.zoo_tasks import EASY, HARD, TASKS, Example, eval_prompts
+from evomerge.zoo_tokenizer import EOS, build_tokenizer, tokenizer_config
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+
+ZOO_FORMAT = 2  # bump when the training code changes what a given setting produces
+MARKER = "zoo.json"
+MODEL_META = "zoo_model.json"
+THREADS = 1  # fixed: reductions (hence weights) depend on it; 1 is fastest on a shared CPU
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Everything that determines the zoo's bytes (hashed into the marker)."""
+
+    seed: int = 0
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+    max_positions: int = 64
+    base_steps: int = 800
+    base_batch: int = 128
+    base_lr: float = 1e-3
+    expert_steps: int = 250
+    expert_batch: int = 64
+    expert_lr: float = 4e-4
+    replay: float = 0.5  # share of each expert batch drawn from the base mix
+    warmup: float = 0.05
+
+    def digest(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+DEFAULT_SETTINGS = ZooSettings()
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+def model_config(s: ZooSettings, vocab_size: int, eos_id: int) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=s.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        use_sliding_window=False,
+        dtype="float32",
+    )
+
+
+@contextlib.contextmanager
+def deterministic(threads: int = THREADS) -> Iterator[None]:
+    """Fixed thread count + deterministic kernels (and no nested transformers bars) for a build."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    old_bars = hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+        if old_bars:
+            hf_logging.enable_progress_bar()
+
+
+def make_batch(
+    tok: Tokenizer, examples: list[Example], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention_mask, labels); the loss sees answer tokens only."""
+    import torch
+
+    rows, masks = [], []
+    for prompt, answer in examples:
+        p = tok.encode(prompt, add_special_tokens=False).ids
+        a = tok.encode(answer + "\n", add_special_tokens=False).ids
+        rows.append(p + a)
+        masks.append([0] * len(p) + [1] * len(a))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (batch, width)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attn[i, : len(row)] = 1
+        labels[i, : len(row)] = torch.where(torch.tensor(m) == 1, torch.tensor(row), -100)
+    return ids, attn, labels
+
+
+def train(
+    model: Any,
+    tok: Tokenizer,
+    sample: Callable[[random.Random], Example],
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup: float,
+    data_seed: str,
+    on_step: Callable[[float], None] = lambda loss: None,
+) -> float:
+    """AdamW with linear warmup then cosine decay; returns the mean loss of the last 10 steps."""
+    import torch
+
+    rng = random.Random(data_seed)  # the data order depends on the seed only
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    n_warm = max(1, int(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    pad_id = tok.token_to_id(EOS)
+    model.train()
+    losses: list[float] = []
+    for _ in range(steps):
+        ids, attn, labels = make_batch(tok, [sample(rng) for _ in range(batch)], pad_id)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        on_step(losses[-1])
+    model.eval()
+    tail = losses[-10:]
+    return sum(tail) / max(1, len(tail))
+
+
+def base_mix(rng: random.Random) -> Example:
+    """The base's curriculum: every format, easy versions only."""
+    return EASY[rng.choice(TASKS)](rng)
+
+
+def expert_mix(task: str, replay: float) -> Callable[[random.Random], Example]:
+    """Hard versions of one task (never an eval prompt) plus replay of the base mix."""
+    banned = eval_prompts(task)
+
+    def sample(rng: random.Random) -> Example:
+        if rng.random() < replay:
+            return base_mix(rng)
+        while True:
+            ex = HARD[task](rng)
+            if ex[0] not in banned:
+                return ex
+
+    return sample
+
+
+# --- saving / reuse ----------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(model: Any, tok: Tokenizer, dest: Path, meta: dict[str, Any]) -> None:
+    """Write a full HF checkpoint to a temp folder, then rename it into place."""
+    from transformers import GenerationConfig
+
+    tmp = dest.parent / f".tmp-{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    eos = tok.token_to_id(EOS)
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False, max_new_tokens=16
+    )
+    model.save_pretrained(tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    _write_json(
+        tmp / "tokenizer_config.json", tokenizer_config(model.config.max_position_embeddings)
+    )
+    _write_json(tmp / MODEL_META, {**meta, "weights_sha256": _sha256(tmp / "model.safetensors")})
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _finished(dest: Path, digest: str) -> bool:
+    """A model folder written by this settings digest whose weights are intact."""
+    try:
+        meta = json.loads((dest / MODEL_META).read_text())
+        return meta.get("settings") == digest and meta.get("weights_sha256") == _sha256(
+            dest / "model.safetensors"
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def zoo_is_built(out: Path, settings: ZooSettings) -> bool:
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    names = ["base", *TASKS]
+    return marker.get("settings") == settings.digest() and all(
+        _finished(out / n, settings.digest()) for n in names
+    )
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    model.tie_weights()
+
+
+def _stages(
+    s: ZooSettings,
+) -> list[tuple[str, Callable[[random.Random], Example], int, int, float]]:
+    """(name, data sampler, steps, batch, lr) per model; experts start from the trained base."""
+    stages = [("base", base_mix, s.base_steps, s.base_batch, s.base_lr)]
+    for t in TASKS:
+        stages.append((t, expert_mix(t, s.replay), s.expert_steps, s.expert_batch, s.expert_lr))
+    return stages
+
+
+def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bool = True) -> Path:
+    """Train (or reuse) the zoo under `out`; returns its folder. Same settings -> same bytes."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import Qwen2ForCausalLM
+
+    s = settings or DEFAULT_SETTINGS
+    out = Path(out)
+    if zoo_is_built(out, s):
+        return out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"zoo: expected a folder for --out, got the file {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)  # the zoo is unfinished until the marker is back
+    for stale in out.glob(".tmp-*"):  # left by an interrupted write
+        shutil.rmtree(stale)
+    digest, tok = s.digest(), build_tokenizer()
+    config = model_config(s, tok.get_vocab_size(), tok.token_to_id(EOS))
+    stages = _stages(s)
+    bar = tqdm(total=sum(st[2] for st in stages), desc="zoo", unit="step", disable=not progress)
+    with deterministic(), bar:
+        base_state: dict[str, torch.Tensor] = {}
+        for name, sample, steps, batch, lr in stages:
+            torch.manual_seed(s.seed)
+            model = Qwen2ForCausalLM(config)  # float32; the base's init comes from the seed
+            if base_state:
+                model.load_state_dict(base_state)
+            if _finished(out / name, digest):  # resume: reuse what a previous run finished
+                _load_weights(model, out / name)
+                bar.update(steps)
+            else:
+
+                def on_step(loss: float, name: str = name) -> None:
+                    bar.set_postfix_str(f"{name} loss {loss:.3f}", refresh=False)
+                    bar.update(1)
+
+                loss = train(
+                    model,
+                    tok,
+                    sample,
+                    steps=steps,
+                    batch=batch,
+                    lr=lr,
+                    warmup=s.warmup,
+                    data_seed=f"{s.seed}-{name}",
+                    on_step=on_step,
+                )
+                role = (
+                    {"role": "base"}
+                    if name == "base"
+                    else {"role": "expert", "task": f"zoo_{name}"}
+                )
+                save_model(
+                    model,
+                    tok,
+                    out / name,
+                    {"settings": digest, "seed": s.seed, "loss": loss, **role},
+                )
+            if name == "base":
+                base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    marker = {
+        "settings": digest,
+        "config": asdict(s),
+        "base": "base",
+        "experts": {f"zoo_{t}": t for t in TASKS},
+    }
+    _write_json(out / MARKER, marker)  # last: its presence means the zoo is complete
+    return out
+
+
+def cli_zoo(args: argparse.Namespace) -> int:
+    """`evomerge zoo [--out DIR] [--seed N]`."""
+    s = replace(DEFAULT_SETTINGS, seed=int(args.seed))
+    out = Path(args.out)
+    if zoo_is_built(out, s):
+        print(f"zoo: {out} is up to date (settings {s.digest()})")
+        return 0
+    build_zoo(out, s, progress=True)
+    print(f"zoo: built base + experts {', '.join(TASKS)} in {out}")
+    return 0
