@@ -15,6 +15,7 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError
 
+DEMO_TRIALS = 40  # per search (TPE and the Dirichlet baseline); a trial takes ~1 s here
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "zoo_demo.yaml"
 
 
@@ -76,21 +77,34 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     space_path = _space_file(zoo)
     space = SearchSpace.from_yaml(space_path)
     ecfg = space.spec.eval
-    budget = n_trials or int(space.spec.search.get("n_trials", 40))
-    wb = LiveWorkbench(
-        space,
-        "hf",
-        "cpu",
-        ecfg.get("chunks", (16, 64, None)),
-        int(ecfg.get("seed", 0)),
-        float(ecfg.get("heldout_fraction", 0.5)),
+    budget = n_trials or DEMO_TRIALS
+
+    def workbench() -> LiveWorkbench:  # one per study: each scores the base before merging
+        return LiveWorkbench(
+            space,
+            "hf",
+            "cpu",
+            ecfg.get("chunks", (16, 64, None)),
+            int(ecfg.get("seed", 0)),
+            float(ecfg.get("heldout_fraction", 0.5)),
+        )
+
+    wb = workbench()
+    common = dict(n_trials=budget, seed=seed, results=results)
+    print(
+        f"[2/5] search: {budget} trials, {space.spec.search.get('sampler', 'tpe')} with pruning",
+        file=sys.stderr,
     )
-    common = dict(n_trials=budget, seed=seed, results=results, workbench=wb)
-    print(f"[2/5] search: {budget} trials, TPE with pruning", file=sys.stderr)
-    main = run_search(space_path, study="demo", prune=True, **common)
+    main = run_search(space_path, study="demo", prune=True, workbench=wb, **common)
     print(f"[3/5] baseline: Dirichlet random search, {budget} trials", file=sys.stderr)
     rand = run_search(
-        space_path, study="demo_dirichlet", sampler="dirichlet", prune=False, quiet=True, **common
+        space_path,
+        study="demo_dirichlet",
+        sampler="dirichlet",
+        prune=False,
+        quiet=True,
+        workbench=workbench(),
+        **common,
     )
     print("[4/5] held-out scores of the base, each expert and the uniform merge", file=sys.stderr)
     rows = [Row("base", dict(main.base.get("heldout", {})))]
