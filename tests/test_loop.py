@@ -152,8 +152,8 @@ def _complete(tmp_path: Path) -> list:
         return []
     try:
         study = optuna.load_study(study_name="space", storage=f"sqlite:///{db}")
-    except KeyError:
-        return []
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return []  # the worker is still creating the schema (both sides race to create it)
     return [t for t in study.get_trials() if t.state.name == "COMPLETE"]
 
 
