@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 from _search_fakes import FakeWorkbench, ensure_methods
 
 from evomerge.cli import main
