@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,6 +95,21 @@ class LiveWorkbench:
         self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
         self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
         self._merged = False
+
+    @classmethod
+    def from_space(
+        cls, space: SearchSpace, backend: str | None = None, device: str | None = None
+    ) -> LiveWorkbench:
+        """The workbench a space's `eval:` section describes (arguments override it)."""
+        ecfg = space.spec.eval
+        return cls(
+            space,
+            backend or ecfg.get("backend", "hf"),
+            device or ecfg.get("device") or _default_device(),
+            ecfg.get("chunks", (16, 64, None)),
+            int(ecfg.get("seed", 0)),
+            float(ecfg.get("heldout_fraction", 0.5)),
+        )
 
     def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
         if recipe is None and self._merged:
@@ -188,8 +204,13 @@ def run_search(
     prune: bool = True,
     workbench: Workbench | None = None,
     quiet: bool = False,
+    rescore: bool = True,
+    stop: Callable[[Any], bool] | None = None,
 ) -> SearchOutcome:
-    """Run (or resume, or join as a worker) the study of a search-space file."""
+    """Run (or resume, or join as a worker) the study of a search-space file.
+
+    `rescore` False skips the held-out re-scoring of the top trials; `stop(study)` True ends
+    the loop before the next trial (an extra budget rule, e.g. documents scored)."""
     import optuna
     from tqdm.auto import tqdm
 
@@ -209,14 +230,7 @@ def run_search(
     study_dir = Path(results) / name
     url = storage_url(storage, study_dir)
     heartbeat = int(cfg.get("heartbeat", 30))
-    wb = workbench or LiveWorkbench(
-        space,
-        backend or ecfg.get("backend", "hf"),
-        device or ecfg.get("device") or _default_device(),
-        ecfg.get("chunks", (16, 64, None)),
-        int(ecfg.get("seed", 0)),
-        float(ecfg.get("heldout_fraction", 0.5)),
-    )
+    wb = workbench or LiveWorkbench.from_space(space, backend, device)
     # storage (and the study folder) only once the models and tasks loaded: a bad input
     # leaves nothing behind
     obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)
@@ -272,8 +286,8 @@ def run_search(
             raise
         for t, m in means.items():
             trial.set_user_attr(f"proxy_{t}", m)
+        trial.set_user_attr("docs_scored", sum(s.n for s in res.tasks.values()))
         if rep.pruned:
-            trial.set_user_attr("docs_scored", sum(s.n for s in res.tasks.values()))
             raise optuna.TrialPruned()
         if mode == "examples":
             rep.report_examples(res.per_example)  # the full set: later trials pair against it
@@ -300,7 +314,7 @@ def run_search(
     try:
         while timeout is None or time.time() - start < timeout:
             done, running = budget_state(st)
-            if n_trials is not None and done >= n_trials:
+            if (n_trials is not None and done >= n_trials) or (stop is not None and stop(st)):
                 break
             if n_trials is not None and done + running >= n_trials:
                 if getattr(store, "heartbeat_interval", None) is None:
@@ -324,7 +338,8 @@ def run_search(
         bar.close()
         raise
     bar.close()
-    rescore_heldout(st, space, wb, obj, int(ecfg.get("heldout_top_k", 5)), quiet)
+    if rescore:
+        rescore_heldout(st, space, wb, obj, int(ecfg.get("heldout_top_k", 5)), quiet)
     write_csv(st, study_dir)
     out = load_study_outcome(study_dir, storage)
     if not quiet:
@@ -415,16 +430,10 @@ def rescore_heldout(
 ) -> None:
     """Re-score the top-k trials by proxy on the held-out split (once each, stored on the
     study) and print the proxy vs held-out Spearman rank correlation."""
-    done = heldout_scores(st)
     order = ranked(st)  # the top k, plus every baseline: the model card compares against them
-    for t in order[:k] + [t for t in order[k:] if t.user_attrs.get("baseline")]:
-        if t.number in done:
-            continue
-        res = wb.evaluate(space.decode(t.params), "heldout")
-        means = {task: float(s.mean) for task, s in res.tasks.items()}
-        entry = {"tasks": means, "objective": obj.values(means)}
-        st.set_user_attr(f"heldout_{t.number}", entry)
-        done[t.number] = entry
+    done = score_heldout(
+        st, space, wb, obj, order[:k] + [t for t in order[k:] if t.user_attrs.get("baseline")]
+    )
     if not quiet and done:
         proxy = {t.number: t.values[0] for t in ranked(st)}
         pairs = [(proxy[n], h["objective"][0]) for n, h in done.items() if n in proxy]
@@ -434,6 +443,23 @@ def rescore_heldout(
             f"{'n/a' if rho is None else f'{rho:.3f}'}",
             file=sys.stderr,
         )
+
+
+def score_heldout(
+    st: Any, space: SearchSpace, wb: Workbench, obj: Objectives, trials: list[Any]
+) -> dict[int, dict[str, Any]]:
+    """Score `trials` on the held-out split (each once: cached as study attr `heldout_<n>`);
+    returns every held-out entry of the study, {number: {"tasks": ..., "objective": ...}}."""
+    done = heldout_scores(st)
+    for t in trials:
+        if t.number in done:
+            continue
+        res = wb.evaluate(space.decode(t.params), "heldout")
+        means = {task: float(s.mean) for task, s in res.tasks.items()}
+        entry = {"tasks": means, "objective": obj.values(means)}
+        st.set_user_attr(f"heldout_{t.number}", entry)
+        done[t.number] = entry
+    return done
 
 
 def cli_search(args: argparse.Namespace) -> int:

@@ -1,63 +1,55 @@
-"""Test helpers for the search tests: the method registry (the real one, or mergekit-like
-declarations while evomerge.merge.methods has not landed) and a fake workbench whose scores
-are a known function of the merge weights."""
+"""Test helpers for the search tests: the method registry, a fake workbench whose scores are a
+known function of the merge weights, its search space, and a subprocess runner for worker tests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evomerge.merge import registry as reg
-from evomerge.merge.registry import Method, Param
+
+TESTS = Path(__file__).resolve().parent
 
 
 def ensure_methods() -> None:
-    """Use the real registry when it exists; otherwise declare the methods the tests use."""
-    try:
-        reg._ensure_loaded()
-        return
-    except ModuleNotFoundError:
-        pass
-    w = Param("weight", "float", "model", 1.0, "weight", search_low=0.0, search_high=1.0)
-    dens = Param(
-        "density",
-        "float",
-        "model",
-        1.0,
-        "density",
-        low=0.0,
-        high=1.0,
-        low_open=True,
-        search_low=0.1,
-        search_high=1.0,
-    )
-    lam = Param("lambda", "float", "global", 1.0, "scale", low=0.0, search_low=0.5, search_high=1.5)
-    norm = Param("normalize", "bool", "global", True, "normalize")
-    eps = Param("epsilon", "float", "model", 0.1, "epsilon", low=0.0, high=0.5)
-    t = Param(
-        "t",
-        "float",
-        "global",
-        None,
-        "t",
-        low=0.0,
-        high=1.0,
-        required=True,
-        search_low=0.0,
-        search_high=1.0,
-    )
-    fn = lambda x: x.models[0]  # noqa: E731  (declarations only; never merged here)
-    for m in (
-        Method("linear", fn, (w, norm), "linear"),
-        Method("task_arithmetic", fn, (w, lam, norm), "ta", needs_base=True),
-        Method("ties", fn, (w, dens, lam, norm), "ties", needs_base=True),
-        Method("dare_ties", fn, (w, dens, lam, norm), "dare", needs_base=True, random=True),
-        Method("della", fn, (w, dens, eps, lam, norm), "della", needs_base=True, random=True),
-        Method("slerp", fn, (t,), "slerp", needs_base=True, min_models=2, max_models=2),
-    ):
-        if m.name not in reg.METHODS:
-            reg.register(m)
+    """Load the real method registry (the search spaces read parameter bounds from it)."""
+    reg._ensure_loaded()
+
+
+# the search space of the fake-workbench tests: three models, a simplex of weights, three tasks
+FAKE_SPACE = """
+models: [m/a, m/b, m/c]
+method: linear
+parameters:
+  weight: {{simplex: true}}
+tasks: [task0, task1, task2]
+search: {search}
+"""
+
+
+def fake_space(search: str = "{seed: 0, heartbeat: 1, grace_period: 2}") -> str:
+    """FAKE_SPACE with the given `search:` mapping (flow-style YAML)."""
+    return FAKE_SPACE.format(search=search)
+
+
+_PRELUDE = """
+import sys
+sys.path.insert(0, {tests!r})
+import _search_fakes as f
+f.ensure_methods()
+"""
+
+
+def spawn_with_fakes(body: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A Python process that runs `body` with the fakes imported as `f` (stderr piped)."""
+    code = _PRELUDE.format(tests=str(TESTS)) + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _search_fakes import fake_space, spawn_with_fakes
 
 from evomerge.cli import main
 
@@ -144,19 +145,8 @@ def test_disk_full_while_writing(tmp_path, tiny_model, monkeypatch, capsys, budg
 
 
 # ---- search: several kills at random points ----------------------------------------------------
-SPACE = """
-models: [m/a, m/b, m/c]
-method: linear
-parameters:
-  weight: {simplex: true}
-tasks: [task0, task1, task2]
-search: {n_trials: 14, seed: 0, heartbeat: 1, grace_period: 2}
-"""
+SPACE = fake_space("{n_trials: 14, seed: 0, heartbeat: 1, grace_period: 2}")
 SEARCH_RUNNER = """
-import sys
-sys.path.insert(0, {tests!r})
-import _search_fakes as f
-f.ensure_methods()
 from evomerge.loop import run_search
 run_search({space!r}, results={results!r}, workbench=f.FakeWorkbench(sleep={sleep}),
            quiet=True, prune=False)
@@ -164,10 +154,9 @@ run_search({space!r}, results={results!r}, workbench=f.FakeWorkbench(sleep={slee
 
 
 def _spawn_search(tmp_path: Path, sleep: float) -> subprocess.Popen:
-    code = SEARCH_RUNNER.format(tests=str(TESTS), space=str(tmp_path / "space.yaml"),
-                                results=str(tmp_path / "r"), sleep=sleep)  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    code = SEARCH_RUNNER.format(space=str(tmp_path / "space.yaml"), results=str(tmp_path / "r"),
+                                sleep=sleep)  # fmt: skip
+    return spawn_with_fakes(code)
 
 
 def _complete(tmp_path: Path) -> dict[int, tuple[dict, float]]:

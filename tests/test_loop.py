@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy.exc
-from _search_fakes import FakeWorkbench, ensure_methods
+from _search_fakes import FakeWorkbench, ensure_methods, fake_space, spawn_with_fakes
 
 from evomerge.cli import main
 from evomerge.errors import CandidateError
@@ -23,14 +21,7 @@ optuna = pytest.importorskip("optuna")
 ensure_methods()
 TESTS = Path(__file__).resolve().parent
 
-SPACE = """
-models: [m/a, m/b, m/c]
-method: linear
-parameters:
-  weight: {simplex: true}
-tasks: [task0, task1, task2]
-search: {n_trials: 20, seed: 0, heartbeat: 1, grace_period: 2}
-"""
+SPACE = fake_space("{n_trials: 20, seed: 0, heartbeat: 1, grace_period: 2}")
 
 
 def write_space(tmp_path: Path, extra: str = "") -> Path:
@@ -130,10 +121,6 @@ def test_multi_objective_pareto(tmp_path: Path):
 
 
 RUNNER = """
-import sys
-sys.path.insert(0, {tests!r})
-import _search_fakes as f
-f.ensure_methods()
 from evomerge.loop import run_search
 run_search({space!r}, n_trials={n}, results={results!r}, workbench=f.FakeWorkbench(sleep={sleep}),
            quiet=True, prune=False)
@@ -141,10 +128,8 @@ run_search({space!r}, n_trials={n}, results={results!r}, workbench=f.FakeWorkben
 
 
 def _spawn(tmp_path: Path, n: int, sleep: float) -> subprocess.Popen:
-    code = RUNNER.format(tests=str(TESTS), space=str(tmp_path / "space.yaml"), n=n,
-                         results=str(tmp_path / "r"), sleep=sleep)  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return spawn_with_fakes(RUNNER.format(space=str(tmp_path / "space.yaml"), n=n,
+                                          results=str(tmp_path / "r"), sleep=sleep))  # fmt: skip
 
 
 def _complete(tmp_path: Path) -> list:

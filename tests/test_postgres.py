@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from _search_fakes import fake_space, spawn_with_fakes
 
 optuna = pytest.importorskip("optuna")
 PG_URL = os.environ.get("EVOMERGE_TEST_PG_URL")
@@ -27,35 +26,22 @@ pytestmark = [
 ]
 TESTS = Path(__file__).resolve().parent
 
-SPACE = """
-models: [m/a, m/b, m/c]
-method: linear
-parameters:
-  weight: {simplex: true}
-tasks: [task0, task1, task2]
-search: {seed: 0, heartbeat: 1, grace_period: 2}
-"""
+SPACE = fake_space()
 
 # a worker = `evomerge search` with the fake workbench (scores a known function of the weights)
 WORKER = """
-import sys
-sys.path.insert(0, {tests!r})
-import _search_fakes as f
-f.ensure_methods()
 import evomerge.loop as loop
 from evomerge.cli import main
-loop.LiveWorkbench = lambda *a, **k: f.FakeWorkbench(sleep={sleep})
+loop.LiveWorkbench.from_space = classmethod(lambda cls, *a, **k: f.FakeWorkbench(sleep={sleep}))
 sys.exit(main(["search", {space!r}, "--study", {study!r}, "--storage", {url!r},
                "--n-trials", "{n}", "--results", {results!r}, "--no-prune"]))
 """
 
 
 def _spawn(tmp_path: Path, study: str, n: int, sleep: float) -> subprocess.Popen:
-    code = WORKER.format(tests=str(TESTS), space=str(tmp_path / "space.yaml"), study=study,
-                         url=PG_URL, n=n, results=str(tmp_path / "r"), sleep=sleep)  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    code = WORKER.format(space=str(tmp_path / "space.yaml"), study=study, url=PG_URL, n=n,
+                         results=str(tmp_path / "r"), sleep=sleep)  # fmt: skip
+    return spawn_with_fakes(code, env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
 
 
 def _trials(study: str) -> list:

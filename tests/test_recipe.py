@@ -301,34 +301,28 @@ def test_unknown_top_level_key() -> None:
     )
 
 
-def test_unknown_keys_in_sections() -> None:
-    bad(
-        LINEAR.replace("    parameters: {weight: 0.4}", "    parameter: {weight: 0.4}"),
-        "recipe.models[1]: unknown key 'parameter'.",
-        "Did you mean 'parameters'?",
-    )
-    slerp = (RECIPES / "slerp.yaml").read_text()
-    bad(
-        slerp.replace("  - sources:", "  - source:"),
-        "recipe.slices[0]: unknown key 'source'.",
-        "Did you mean 'sources'?",
-    )
-    bad(
-        slerp.replace("layer_range: [0, 32]\n      - model", "layer_rang: [0, 32]\n      - model"),
-        "recipe.slices[0].sources[0]: unknown key 'layer_rang'.",
-        "'layer_range'?",
-    )
-    tok = (RECIPES / "tokenizer.yaml").read_text()
-    bad(
-        tok.replace("pad_to_multiple_of", "pad_to_multiple"),
-        "recipe.tokenizer: unknown key 'pad_to_multiple'.",
-        "'pad_to_multiple_of'?",
-    )
-    bad(
-        tok.replace("force: true", "forced: true"),
-        "recipe.tokenizer.tokens['<|im_end|>']: unknown key 'forced'.",
-        "'force'?",
-    )
+UNKNOWN_SECTION_KEYS = [  # (recipe, text replaced, replacement, expected parts of the message)
+    (None, "    parameters: {weight: 0.4}", "    parameter: {weight: 0.4}",
+     ("recipe.models[1]: unknown key 'parameter'.", "Did you mean 'parameters'?")),
+    ("slerp.yaml", "  - sources:", "  - source:",
+     ("recipe.slices[0]: unknown key 'source'.", "Did you mean 'sources'?")),
+    ("slerp.yaml", "layer_range: [0, 32]\n      - model", "layer_rang: [0, 32]\n      - model",
+     ("recipe.slices[0].sources[0]: unknown key 'layer_rang'.", "'layer_range'?")),
+    ("tokenizer.yaml", "pad_to_multiple_of", "pad_to_multiple",
+     ("recipe.tokenizer: unknown key 'pad_to_multiple'.", "'pad_to_multiple_of'?")),
+    ("tokenizer.yaml", "force: true", "forced: true",
+     ("recipe.tokenizer.tokens['<|im_end|>']: unknown key 'forced'.", "'force'?")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("recipe", "old", "new", "expected"), UNKNOWN_SECTION_KEYS)
+def test_unknown_keys_in_sections(recipe: str | None, old: str, new: str, expected) -> None:
+    text = LINEAR if recipe is None else (RECIPES / recipe).read_text()
+    assert old in text
+    bad(text.replace(old, new), *expected)
+
+
+def test_per_module_merges_are_refused() -> None:
     bad(LINEAR + "modules: {}\n", "recipe.modules: per-module merges", "not supported yet")
 
 

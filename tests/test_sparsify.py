@@ -102,3 +102,17 @@ def test_cache_gives_bit_identical_masks():
             assert torch.equal(sp.della_mask(n_c, u_c, d, e), sp.della_mask(n_u, u_u, d, e))
             assert torch.equal(cache.l1("w", row, delta), sp.l1_norm(delta))
     assert cache.nbytes() > 0
+
+
+def test_magnitude_cut_matches_ranks_with_ties_cached_or_not():
+    # many exact ties (as in task vectors of bf16 models), both signs and zeros
+    x = torch.randint(-4, 5, (40, 30), generator=torch.Generator().manual_seed(3)).float()
+    ranks, order = sp.magnitude_ranks(x).reshape(-1), sp.magnitude_order(x)
+    idx = torch.arange(x.numel())
+    for p in (0, 1, 150, 600, 1199, 1200):
+        cut = sp.magnitude_cut(x, p)
+        assert cut == sp.magnitude_cut(x, p, order)
+        thr, first = cut
+        mag = x.abs().reshape(-1)
+        kept = (mag > thr) | ((mag == thr) & (idx >= first))
+        assert torch.equal(kept, ranks >= p), p

@@ -29,6 +29,20 @@ class TensorSource(Protocol):
     def get_tensor(self, name: str) -> torch.Tensor: ...
 
 
+def _writable(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """t when a method may write the merged tensor straight into it, else None."""
+    import torch
+
+    ok = (
+        t is not None
+        and t.dtype == torch.float32
+        and t.device == rows.device
+        and t.is_contiguous()
+        and tuple(t.shape) == tuple(rows.shape[1:])
+    )
+    return t if ok else None
+
+
 class CandidateMerger:
     """Merge candidates of one stage's models/base into live parameters, many times over."""
 
@@ -94,6 +108,11 @@ class CandidateMerger:
 
     def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
         """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
+        return self._merge(stage, {})
+
+    def _merge(
+        self, stage: MergeStage, target: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         from evomerge.merge.methods import task_vectors
 
         self._check(stage)
@@ -107,10 +126,15 @@ class CandidateMerger:
                 inputs.deltas = deltas
             inputs.cache = self.cache
             inputs.scratch = self._scratch
+            inputs.out = _writable(target.get(name), rows)
             yield name, method.fn(inputs)
 
     def apply(self, stage: MergeStage, target: Mapping[str, torch.Tensor]) -> None:
-        """Write every merged tensor into target[name] in place (copy_, dtype cast allowed)."""
+        """Write every merged tensor into target[name] in place (copy_, dtype cast allowed).
+
+        A float32 contiguous target on the inputs' device is written directly by methods
+        that support it (linear, the task-arithmetic family): no intermediate copy.
+        """
         import torch
 
         missing = [n for n in self._rows if n not in target]
@@ -120,8 +144,9 @@ class CandidateMerger:
                 f"e.g. '{missing[0]}'"
             )
         with torch.no_grad():
-            for name, tensor in self.merged(stage):
-                target[name].copy_(tensor)
+            for name, tensor in self._merge(stage, target):
+                if tensor is not target[name]:
+                    target[name].copy_(tensor)
 
     def nbytes(self) -> int:
         """Resident bytes: inputs, task vectors and cached mask statistics."""

@@ -29,7 +29,7 @@ from evomerge.merge import sparsify as sp
 if TYPE_CHECKING:
     from evomerge.merge.registry import MergeInputs
 
-CHUNK = 1 << 16  # entries per chunk: ~a dozen buffers of this size fit in a core's L2
+CHUNK = 1 << 18  # entries per chunk: big enough that per-op overhead is small, in L3
 
 
 def _f32(x: float) -> float:
@@ -37,8 +37,31 @@ def _f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
+def _below(thr: float) -> float:
+    """The largest float32 below thr: |x| > _below(thr) <=> |x| >= thr for float32 x."""
+    t = torch.tensor(thr, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.tensor(-float("inf"))))
+
+
+class _Cut:
+    """Keep the entries at sorted positions >= p of |tv| (see sparsify.magnitude_cut)."""
+
+    def __init__(self, tv: torch.Tensor, p: int, order: torch.Tensor | None):
+        self.thr, self.first = sp.magnitude_cut(tv, p, order)
+        self.ge = _below(self.thr)
+
+    def shrink(self, x: torch.Tensor, a: int, out: torch.Tensor) -> torch.Tensor:
+        """out = x (entries a.. of the flat tensor) with the cut-off entries set to 0."""
+        k = min(max(self.first - a, 0), x.numel())  # entries before `first`: strict compare
+        if k:
+            torch.ops.aten.hardshrink.out(x[:k], self.thr, out=out[:k])
+        if k < x.numel():
+            torch.ops.aten.hardshrink.out(x[k:], self.ge, out=out[k:])
+        return out
+
+
 class _RowMask:
-    """Drop mask of one task vector, produced chunk by chunk from full-size cached statistics."""
+    """Drop mask of one task vector, applied chunk by chunk from cached statistics."""
 
     def __init__(self, inputs: MergeInputs, kind: str | None, row: int, tv, d: float, extra):
         self.kind, self.d, self.extra, self.stats = kind, d, extra, ()
@@ -48,14 +71,14 @@ class _RowMask:
         cache, name, seed = inputs.cache, inputs.tensor_name, inputs.seed
         n = tv.numel()
         if kind in ("magnitude", "breadcrumbs"):
-            ranks = cache.ranks(name, row, tv) if cache else sp.magnitude_ranks(tv)
-            self.stats = (ranks.reshape(-1),)
-            if kind == "magnitude":  # keep the k largest: rank >= n - k
-                self.lo, self.hi = (n if d <= 0 else n - max(1, int(d * n))), n
+            order = cache.order(name, row, tv) if cache else None
+            if kind == "magnitude":  # keep the k largest: sorted position >= n - k
+                lo, hi = (n if d <= 0 else n - max(1, int(d * n))), n
             else:
                 target, n_top = int(d * n), int(extra * n)
-                self.lo = max(0, n - target - n_top)
-                self.hi = self.lo + target
+                lo = max(0, n - target - n_top)
+                hi = lo + target
+            self.cuts = (_Cut(tv, lo, order), _Cut(tv, hi, order) if hi < n else None)
             return
         u = cache.uniform(seed, name, row, tv) if cache else sp.uniform_draws(seed, name, row, tv)
         if kind == "random":
@@ -69,24 +92,25 @@ class _RowMask:
         rank_norm = cache.rank_norm(name, row, tv) if cache else sp.della_rank_norm(tv)
         self.stats = (rank_norm.reshape(-1), u.reshape(-1))
 
-    def drop(self, a: int, b: int, buf: torch.Tensor, fbuf: torch.Tensor) -> torch.Tensor | None:
-        """bool (b - a,): True where entries a..b-1 are dropped; None keeps all."""
-        if self.kind is None:
-            return None
-        if self.kind == "magnitude":
-            return torch.lt(self.stats[0][a:b], self.lo, out=buf)
-        if self.kind == "breadcrumbs":
-            r = self.stats[0][a:b]
-            torch.lt(r, self.lo, out=buf)
-            return buf.logical_or_(r >= self.hi)
+    def apply(self, x: torch.Tensor, a: int, out: torch.Tensor, fbuf: torch.Tensor) -> None:
+        """out = x (entries a.. of the flat row; out may be x) with the dropped entries 0."""
+        if self.kind in ("magnitude", "breadcrumbs"):
+            lo, hi = self.cuts
+            lo.shrink(x, a, out)
+            if hi is not None:  # breadcrumbs: out - (entries at or above the top cut) = 0 there
+                out.sub_(hi.shrink(out, a, fbuf[: x.numel()]))
+            return
+        b = a + x.numel()
+        keep = fbuf[: x.numel()]  # float 1/0: float-only ops are several times faster here
         if self.kind == "random":
-            return torch.ge(self.stats[0][a:b], self.d, out=buf)
-        if self.d <= 0:
-            return buf.fill_(True)
-        # della: keep with probability (d - eps) + rank_norm * 2 eps, as u < p
-        rn, u = self.stats[0][a:b], self.stats[1][a:b]
-        probs = torch.mul(rn, 2 * self.extra, out=fbuf).add_(self.d - self.extra)
-        return torch.ge(u, probs, out=buf)
+            torch.lt(self.stats[0][a:b], self.d, out=keep)
+        elif self.d <= 0:
+            keep.zero_()
+        else:  # della: keep with probability (d - eps) + rank_norm * 2 eps, as u < p
+            rn, u = self.stats[0][a:b], self.stats[1][a:b]
+            probs = torch.mul(rn, 2 * self.extra, out=keep).add_(self.d - self.extra)
+            torch.lt(u, probs, out=keep)
+        torch.mul(x, keep, out=out)
 
 
 def _masked_l1(tvf: torch.Tensor, mask: _RowMask, bufs) -> torch.Tensor:
@@ -96,9 +120,7 @@ def _masked_l1(tvf: torch.Tensor, mask: _RowMask, bufs) -> torch.Tensor:
     for a in range(0, tvf.numel(), c):
         b = min(a + c, tvf.numel())
         x = torch.abs(tvf[a:b], out=bufs["f"][: b - a])
-        drop = mask.drop(a, b, bufs["m"][: b - a], bufs["g"][: b - a])
-        if drop is not None:
-            x.masked_fill_(drop, 0)
+        mask.apply(x, a, x, bufs["g"])
         total += x.sum()
     return total
 
@@ -144,10 +166,8 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
     c = max(1, min(CHUNK, n))
     dev = dict(device=base.device)
     f32 = torch.empty(0, dtype=torch.float32, **dev)
-    b8 = torch.empty(0, dtype=torch.bool, **dev)
     bufs = {
         "wd": empty("gta.wd", (m, c), f32), "q": empty("gta.q", (m, c), f32),
-        "agree": empty("gta.agree", (m, c), b8), "m": empty("gta.m", (c,), b8),
         "f": empty("gta.f", (c,), f32), "g": empty("gta.g", (c,), f32),
         "s": empty("gta.s", (c,), f32), "e": empty("gta.e", (c,), f32),
         "one": empty("gta.one", (c,), f32).fill_(1.0),
@@ -166,24 +186,24 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
         b = min(a + c, n)
         ln = b - a
         wd = bufs["wd"][:, :ln]  # (m, L)
-        for j in range(m):
+        for j in range(m):  # wd_j = masked task vector, rescaled, weighted
             x = tv[j, a:b]
+            if masks[j].kind is not None:
+                masks[j].apply(x, a, wd[j], bufs["g"])
+                x = wd[j]
             if scale[j] is not None:  # mergekit: (delta * mask * before/after) * weight
                 torch.mul(x, scale[j], out=wd[j]).mul_(w[j])
             else:
                 torch.mul(x, w[j], out=wd[j])
-            drop = masks[j].drop(a, b, bufs["m"][:ln], bufs["g"][:ln])
-            if drop is not None:
-                wd[j].masked_fill_(drop, 0)
         mixed = torch.sum(wd, dim=0, out=bufs["s"][:ln])  # (L,)
         if consensus:
             e = torch.copysign(bufs["one"][:ln], mixed, out=bufs["e"][:ln])
             q = torch.mul(wd, e, out=bufs["q"][:, :ln]).clamp_min_(0)  # (m, L)
             torch.sum(q, dim=0, out=mixed).mul_(e)
-            if normalize:
-                agree = torch.gt(q, 0, out=bufs["agree"][:, :ln])
-                div = torch.sum(torch.mul(agree, w_col, out=q), dim=0, out=bufs["f"][:ln])
-                div.masked_fill_(div == 0, 1)
+            if normalize:  # float 1/0 masks: float-only ops are several times faster here
+                agree = torch.gt(q, 0, out=wd).mul_(w_col)  # (m, L): w_j where row j agrees
+                div = torch.sum(agree, dim=0, out=bufs["f"][:ln])
+                div.add_(torch.eq(div, 0, out=bufs["g"][:ln]))  # 0 -> 1 (no row agrees)
                 mixed.div_(div)
         elif normalize:
             mixed.div_(w_total)

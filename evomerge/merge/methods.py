@@ -30,6 +30,9 @@ class Scratch:
 
 
 def _empty(inputs: MergeInputs, key: str, shape: tuple[int, ...], like: torch.Tensor):
+    out = inputs.out
+    if key == "out" and out is not None and tuple(out.shape) == tuple(shape):
+        return out  # the caller's float32 tensor (checked by the caller)
     if inputs.scratch is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return inputs.scratch.get(key, shape, like)
@@ -71,13 +74,14 @@ def _gta(inputs: MergeInputs, kind: str | None, consensus: str | None) -> torch.
 # ---- other methods ---------------------------------------------------------------------------
 
 
+LINEAR_CHUNK = 1 << 18  # entries: the output chunk stays in cache across the per-model passes
+
+
 def _linear(inputs: MergeInputs) -> torch.Tensor:
     models = inputs.models  # (n, *shape)
     weights = inputs.model_params["weight"].to(dtype=models.dtype, device=models.device)
     out = _empty(inputs, "out", tuple(models.shape[1:]), models)
-    torch.mul(models[0], weights[0], out=out)  # = 0 + x * w exactly: one pass fewer than zero_
-    for i in range(1, models.shape[0]):
-        out.addcmul_(models[i], weights[i])
+    total = None
     if inputs.params["normalize"]:
         total = weights.sum()
         if total == 0:
@@ -85,7 +89,14 @@ def _linear(inputs: MergeInputs) -> torch.Tensor:
                 f"tensor '{inputs.tensor_name}': linear weights sum to 0, which normalize: true "
                 f"divides by; got weights {inputs.model_params['weight'].tolist()}"
             )
-        out.div_(total)
+    rows, flat = models.reshape(models.shape[0], -1), out.view(-1)  # (n, numel), (numel,)
+    for a in range(0, flat.numel(), LINEAR_CHUNK):
+        b = min(a + LINEAR_CHUNK, flat.numel())
+        o = torch.mul(rows[0, a:b], weights[0], out=flat[a:b])  # = 0 + x * w exactly
+        for i in range(1, rows.shape[0]):
+            o.addcmul_(rows[i, a:b], weights[i])
+        if total is not None:
+            o.div_(total)
     return out
 
 

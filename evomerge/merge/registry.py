@@ -91,6 +91,8 @@ class MergeInputs:
             (None: methods compute models[i] - base themselves, the same bytes)
     cache: a SparsifyCache (data-only mask statistics) or None
     scratch: reusable buffers (evomerge.merge.methods.Scratch) or None to allocate
+    out: a float32 tensor shaped like the result (the in-place path's live parameter) that
+         methods supporting it write into instead of a scratch buffer, or None
     """
 
     tensor_name: str
@@ -103,6 +105,7 @@ class MergeInputs:
     deltas: torch.Tensor | None = None
     cache: Any = None
     scratch: Any = None
+    out: Any = None
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]

@@ -4,8 +4,9 @@ Semantics follow mergekit 0.1.5 (`mergekit/sparsify.py`, `get_mask`). What makes
 fast: everything that depends only on the data is computed once per (tensor, model row) and
 kept in a `SparsifyCache`:
 
-- magnitude order: the rank of every |delta| entry, so a density becomes an integer compare
-  (`rank >= n - k`) instead of a new sort per trial;
+- magnitude order: the stable ascending order of |delta|, so a density becomes a magnitude
+  threshold (`magnitude_cut`: two lookups) instead of a new sort per trial; un-cached (disk)
+  merges find the same threshold by selection, without sorting;
 - DARE / DELLA draws: uniform numbers keyed by (seed, tensor name, row), so a mask for
   density d is `u < d` (DELLA: `u < p(rank)`) -- common random numbers across trials, and
   the same bytes whatever order tensors are processed in;
@@ -46,6 +47,37 @@ def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
     return ranks.reshape(delta.shape)
 
 
+def magnitude_order(delta: torch.Tensor) -> torch.Tensor:
+    """Flat indices of |delta| in a stable ascending sort (int32 when they fit), 1-D."""
+    import torch
+
+    order = torch.argsort(delta.abs().reshape(-1), stable=True)
+    return order.to(torch.int32) if order.numel() < 2**31 else order
+
+
+def magnitude_cut(delta: torch.Tensor, p: int, order: torch.Tensor | None = None):
+    """(thr, first): the entries at sorted positions >= p (stable ascending |delta|, as in
+    `magnitude_ranks`) are exactly those with |x| > thr, or |x| == thr at flat index >= first.
+
+    p == n keeps nothing: (inf, n). With the cached `order` this is two lookups; without,
+    a selection (kthvalue) and two compares: O(n), no sort, the same (thr, first).
+    """
+    import torch
+
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if p >= n:
+        return float("inf"), n
+    if order is not None:
+        first = int(order[p])
+        return float(flat[first].abs()), first
+    mag = flat.abs()
+    thr = mag.kthvalue(p + 1).values
+    below = int(torch.lt(mag, thr).sum())
+    ties = torch.eq(mag, thr).nonzero().view(-1)
+    return float(thr), int(ties[p - below])
+
+
 def della_rank_norm(delta: torch.Tensor) -> torch.Tensor:
     """DELLA's normalised rank in [0, 1] of |delta| along dim 1 (1-D tensors as one row).
 
@@ -55,15 +87,16 @@ def della_rank_norm(delta: torch.Tensor) -> torch.Tensor:
     import torch
 
     work = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    order = torch.argsort(work.abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    idx = torch.arange(work.shape[1], device=delta.device)
-    ranks.scatter_(1, order, idx.view(1, -1, *([1] * (work.dim() - 2))).expand_as(order))
     n = work.shape[1]
     if n <= 1:
         return torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
-    ranks_f = ranks.to(torch.float32) + 1  # 1..n as in mergekit
-    rank_norm = ((ranks_f - 1) / (n - 1)).clamp(0, 1)
+    order = torch.argsort(work.abs(), dim=1, stable=True)
+    ranks = torch.empty(order.shape, dtype=torch.int32, device=delta.device)
+    idx = torch.arange(n, dtype=torch.int32, device=delta.device)
+    ranks.scatter_(1, order, idx.view(1, -1, *([1] * (work.dim() - 2))).expand_as(order))
+    del order
+    # mergekit: ranks r + 1 in 1..n, ((r + 1) - 1) / (n - 1); r + 1 - 1 == r exactly in float32
+    rank_norm = ranks.to(torch.float32).div_(n - 1).clamp_(0, 1)
     return rank_norm.reshape(delta.shape)
 
 
@@ -110,6 +143,9 @@ class SparsifyCache:
 
     def ranks(self, name: str, row: int, delta: torch.Tensor) -> torch.Tensor:
         return self._get(("rank", name, row), lambda: magnitude_ranks(delta))
+
+    def order(self, name: str, row: int, delta: torch.Tensor) -> torch.Tensor:
+        return self._get(("order", name, row), lambda: magnitude_order(delta))
 
     def rank_norm(self, name: str, row: int, delta: torch.Tensor) -> torch.Tensor:
         return self._get(("della", name, row), lambda: della_rank_norm(delta))
