@@ -59,6 +59,7 @@ class ProxyTask:
         wants = bool(meta.get("apply_chat_template", False)) if isinstance(meta, dict) else False
         self.wants_chat_template = wants if apply_chat_template is None else apply_chat_template
 
+        _render_once(task, ("doc_to_target", "doc_to_choice"))
         docs = list(task.eval_docs)
         self._positions = _doc_ids(docs, self.name)  # doc id -> position in eval_docs
         self._docs = {i: docs[p] for i, p in self._positions.items()}
@@ -150,6 +151,31 @@ class ProxyTask:
         outs = [inst.filtered_resps[key] if key else inst.resps[0] for inst in insts]
         value = self._task.process_results(insts[0].doc, outs)[self.metric]
         return float(value)
+
+
+def _render_once(task: Any, methods: Sequence[str]) -> None:
+    """Memoize per document the task's data-only renderings (gold target, choices).
+
+    lm-eval renders these Jinja templates anew, compiling them, on every call, and
+    process_results calls them for every document of every candidate: on the zoo that was
+    more than half of a candidate's scoring time. The values depend only on the document, so
+    each is rendered once; a call with an explicit template (few-shot formatting) passes through.
+    """
+    for name in methods:
+        original = getattr(task, name, None)
+        if original is None:
+            continue
+        cache: dict[int, tuple[Any, Any]] = {}  # id(doc) -> (doc kept alive, value)
+
+        def rendered(doc: Any, *args: Any, _original=original, _cache=cache) -> Any:
+            if args and args[0] is not None:
+                return _original(doc, *args)
+            hit = _cache.get(id(doc))
+            if hit is None or hit[0] is not doc:
+                hit = _cache[id(doc)] = (doc, _original(doc))
+            return hit[1]
+
+        setattr(task, name, rendered)
 
 
 def load_tasks(
