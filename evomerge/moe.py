@@ -224,8 +224,11 @@ def build_moe(
     n_layers, hidden = cfg_out["num_hidden_layers"], cfg_out["hidden_size"]
     embed = base.get_tensor("model.embed_tokens.weight") if cfg.gate_mode == "cheap_embed" else None
     kw = dict(base_path=base.path, n_layers=n_layers, hidden=hidden, embed=embed, device=device)
-    gates = gate_rows(cfg.gate_mode, cfg.experts, **kw)  # (n_layers, n_experts, hidden)
-    shared_gates = gate_rows(cfg.gate_mode, cfg.shared_experts, seed=1, **kw) if shared else None
+    gates = gate_rows(
+        cfg.gate_mode, cfg.experts, readers=experts, **kw
+    )  # (layers, experts, hidden)
+    shared_mode = "hidden" if cfg.gate_mode == "logistic" else cfg.gate_mode  # one row: no classes
+    shared_gates = gate_rows(shared_mode, cfg.shared_experts, seed=1, **kw) if shared else None
     specs = {**_base_tensors(base, arch, cfg_out), **_mlp_tensors(experts, arch, n_layers, shared)}
     specs.update(_router_tensors(gates, shared_gates, arch))
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, dtype=torch_dtype(dtype)) as w:

@@ -2,7 +2,7 @@
 
 ```yaml
 base_model: zoo/base            # attention, norms, embeddings (and the router's hidden states)
-gate_mode: hidden               # hidden | cheap_embed | random | uniform
+gate_mode: hidden               # hidden | cheap_embed | random | uniform | logistic
 dtype: float32                  # output dtype (default: the base model's)
 experts_per_token: 2            # top-k
 experts:
@@ -23,7 +23,8 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform")
+GATE_MODES = ("hidden", "cheap_embed", "random", "uniform", "logistic")
+PROMPT_MODES = ("hidden", "cheap_embed", "logistic")  # the modes that read positive_prompts
 DTYPES = ("float32", "float16", "bfloat16")
 TOP_KEYS = (
     "base_model",
@@ -85,8 +86,8 @@ def _expert(raw: Any, where: str, need_prompts: bool) -> Expert:
     neg = _prompts(raw.get("negative_prompts"), f"{where}.negative_prompts")
     if need_prompts and not pos:
         raise ConfigError(
-            f"{where}.positive_prompts: gate modes hidden and cheap_embed need at least one "
-            f"positive prompt per expert, but {src} has none"
+            f"{where}.positive_prompts: gate modes {', '.join(PROMPT_MODES)} need at least "
+            f"one positive prompt per expert, but {src} has none"
         )
     return Expert(src, pos, neg)
 
@@ -115,8 +116,13 @@ def parse_moe_config(data: Any) -> MoeConfig:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"base_model: expected a model path, but got {base!r}")
     gate_mode = _choice(data, "gate_mode", GATE_MODES, "hidden")
-    need_prompts = gate_mode in ("hidden", "cheap_embed")
+    need_prompts = gate_mode in PROMPT_MODES
     experts = _experts(data.get("experts"), "experts", need_prompts)
+    if gate_mode == "logistic" and any(e.negative_prompts for e in experts):
+        raise ConfigError(
+            "negative_prompts: expected none with gate_mode logistic (each expert's positive "
+            "prompts are the negatives of the others), but got some"
+        )
     if len(experts) < 2:
         raise ConfigError(f"experts: expected at least 2 experts, but got {len(experts)}")
     shared = _experts(data.get("shared_experts"), "shared_experts", need_prompts)

@@ -5,8 +5,13 @@ version of every skill; each expert is fine-tuned from the base on the hard vers
 with replay of the base mix, so it stays in the base's basin (its task vector merges) and keeps
 the other skills at base level. See zoo_tasks.py for the tasks and evals/ for their lm-eval form.
 
-Layout: OUT/base, OUT/<task> for task in zoo_tasks.TASKS (ordinary HF Qwen2 checkpoints), and
-OUT/zoo.json, written last, whose settings hash marks a finished zoo (then it is reused).
+MLP experts (OUT/mlp/<task>) are trained like the experts but with everything except the MLP
+weights frozen: attention, embeddings and norms stay the base's, so a mergekit-style MoE (base
+attention + one MLP per expert, `evomerge moe`) keeps all of what each of them learned.
+
+Layout: OUT/base, OUT/<task> for task in zoo_tasks.TASKS, OUT/mlp/<task> (ordinary HF Qwen2
+checkpoints), and OUT/zoo.json, written last, whose settings hashes mark a finished zoo (then it
+is reused). OUT/mlp itself is not a model folder, so globs of OUT/* for models skip it.
 Each model is written to a temporary folder and renamed, so a crash leaves no half-written
 model; an interrupted build resumes from the models it finished (training is deterministic, so
 the result is bit-identical to an uninterrupted build).
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 ZOO_FORMAT = 2  # bump when the training code changes what a given setting produces
+MLP_FORMAT = 1  # the same, for the MLP experts only
+MLP_DIR = "mlp"  # OUT/mlp/<task>
 MARKER = "zoo.json"
 MODEL_META = "zoo_model.json"
 THREADS = 1  # fixed: reductions (hence weights) depend on it; 1 is fastest on a shared CPU
@@ -60,10 +67,24 @@ class ZooSettings:
     expert_lr: float = 4e-4
     replay: float = 0.5  # share of each expert batch drawn from the base mix
     warmup: float = 0.05
+    mlp_steps: int = 250  # MLP experts: only the MLP weights train (see the module docstring)
+    mlp_batch: int = 64
+    mlp_lr: float = 3e-3
+    mlp_replay: float = 0.25
 
     def digest(self) -> str:
-        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of the base and experts' settings (the mlp_* fields leave it unchanged)."""
+        dense = {k: v for k, v in asdict(self).items() if not k.startswith("mlp_")}
+        return _hash({"format": ZOO_FORMAT, **dense})
+
+    def mlp_digest(self) -> str:
+        """Hash of the MLP experts' settings (which include everything the base depends on)."""
+        return _hash({"format": ZOO_FORMAT, "mlp_format": MLP_FORMAT, **asdict(self)})
+
+
+def _hash(obj: dict[str, Any]) -> str:
+    blob = json.dumps(obj, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 DEFAULT_SETTINGS = ZooSettings()
@@ -147,11 +168,13 @@ def train(
     data_seed: str,
     on_step: Callable[[float], None] = lambda loss: None,
 ) -> float:
-    """AdamW with linear warmup then cosine decay; returns the mean loss of the last 10 steps."""
+    """AdamW with linear warmup then cosine decay on the parameters that require a gradient;
+    returns the mean loss of the last 10 steps."""
     import torch
 
     rng = random.Random(data_seed)  # the data order depends on the seed only
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     n_warm = max(1, int(warmup * steps))
 
     def factor(step: int) -> float:
@@ -168,7 +191,7 @@ def train(
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -176,6 +199,12 @@ def train(
     model.eval()
     tail = losses[-10:]
     return sum(tail) / max(1, len(tail))
+
+
+def freeze_all_but_mlp(model: Any) -> None:
+    """Only the MLP weights (gate/up/down projections) keep requires_grad."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." in name)
 
 
 def base_mix(rng: random.Random) -> Example:
@@ -241,14 +270,47 @@ def _finished(dest: Path, digest: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One model of the zoo; every model but the base starts from the trained base."""
+
+    name: str  # its folder under OUT: "base", "<task>" or "mlp/<task>"
+    sample: Callable[[random.Random], Example]
+    steps: int
+    batch: int
+    lr: float
+    digest: str  # the settings hash its zoo_model.json must carry to be reused
+    role: dict[str, str]
+    mlp_only: bool = False
+
+
+def _stages(s: ZooSettings) -> list[Stage]:
+    dense, mlp = s.digest(), s.mlp_digest()
+    stages = [
+        Stage("base", base_mix, s.base_steps, s.base_batch, s.base_lr, dense, {"role": "base"})
+    ]
+    for t in TASKS:
+        role = {"role": "expert", "task": f"zoo_{t}"}
+        sample = expert_mix(t, s.replay)
+        stages.append(Stage(t, sample, s.expert_steps, s.expert_batch, s.expert_lr, dense, role))
+    for t in TASKS:
+        role = {"role": "mlp_expert", "task": f"zoo_{t}"}
+        sample = expert_mix(t, s.mlp_replay)
+        stages.append(
+            Stage(f"{MLP_DIR}/{t}", sample, s.mlp_steps, s.mlp_batch, s.mlp_lr, mlp, role, True)
+        )
+    return stages
+
+
 def zoo_is_built(out: Path, settings: ZooSettings) -> bool:
     try:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    names = ["base", *TASKS]
-    return marker.get("settings") == settings.digest() and all(
-        _finished(out / n, settings.digest()) for n in names
+    return (
+        marker.get("settings") == settings.digest()
+        and marker.get("mlp_settings") == settings.mlp_digest()
+        and all(_finished(out / st.name, st.digest) for st in _stages(settings))
     )
 
 
@@ -259,14 +321,24 @@ def _load_weights(model: Any, path: Path) -> None:
     model.tie_weights()
 
 
-def _stages(
-    s: ZooSettings,
-) -> list[tuple[str, Callable[[random.Random], Example], int, int, float]]:
-    """(name, data sampler, steps, batch, lr) per model; experts start from the trained base."""
-    stages = [("base", base_mix, s.base_steps, s.base_batch, s.base_lr)]
-    for t in TASKS:
-        stages.append((t, expert_mix(t, s.replay), s.expert_steps, s.expert_batch, s.expert_lr))
-    return stages
+def _train_stage(model: Any, tok: Tokenizer, st: Stage, s: ZooSettings, bar: Any) -> float:
+    def on_step(loss: float) -> None:
+        bar.set_postfix_str(f"{st.name} loss {loss:.3f}", refresh=False)
+        bar.update(1)
+
+    if st.mlp_only:
+        freeze_all_but_mlp(model)
+    return train(
+        model,
+        tok,
+        st.sample,
+        steps=st.steps,
+        batch=st.batch,
+        lr=st.lr,
+        warmup=s.warmup,
+        data_seed=f"{s.seed}-{st.name}",
+        on_step=on_step,
+    )
 
 
 def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bool = True) -> Path:
@@ -283,57 +355,36 @@ def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bo
         raise ConfigError(f"zoo: expected a folder for --out, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # the zoo is unfinished until the marker is back
-    for stale in out.glob(".tmp-*"):  # left by an interrupted write
+    for stale in [*out.glob(".tmp-*"), *out.glob(f"{MLP_DIR}/.tmp-*")]:  # interrupted writes
         shutil.rmtree(stale)
-    digest, tok = s.digest(), build_tokenizer()
+    tok = build_tokenizer()
     config = model_config(s, tok.get_vocab_size(), tok.token_to_id(EOS))
     stages = _stages(s)
-    bar = tqdm(total=sum(st[2] for st in stages), desc="zoo", unit="step", disable=not progress)
+    bar = tqdm(total=sum(st.steps for st in stages), desc="zoo", unit="step", disable=not progress)
     with deterministic(), bar:
         base_state: dict[str, torch.Tensor] = {}
-        for name, sample, steps, batch, lr in stages:
+        for st in stages:
             torch.manual_seed(s.seed)
             model = Qwen2ForCausalLM(config)  # float32; the base's init comes from the seed
             if base_state:
                 model.load_state_dict(base_state)
-            if _finished(out / name, digest):  # resume: reuse what a previous run finished
-                _load_weights(model, out / name)
-                bar.update(steps)
+            if _finished(out / st.name, st.digest):  # resume: reuse what a previous run finished
+                _load_weights(model, out / st.name)
+                bar.update(st.steps)
             else:
-
-                def on_step(loss: float, name: str = name) -> None:
-                    bar.set_postfix_str(f"{name} loss {loss:.3f}", refresh=False)
-                    bar.update(1)
-
-                loss = train(
-                    model,
-                    tok,
-                    sample,
-                    steps=steps,
-                    batch=batch,
-                    lr=lr,
-                    warmup=s.warmup,
-                    data_seed=f"{s.seed}-{name}",
-                    on_step=on_step,
-                )
-                role = (
-                    {"role": "base"}
-                    if name == "base"
-                    else {"role": "expert", "task": f"zoo_{name}"}
-                )
-                save_model(
-                    model,
-                    tok,
-                    out / name,
-                    {"settings": digest, "seed": s.seed, "loss": loss, **role},
-                )
-            if name == "base":
+                loss = _train_stage(model, tok, st, s, bar)
+                (out / st.name).parent.mkdir(parents=True, exist_ok=True)
+                meta = {"settings": st.digest, "seed": s.seed, "loss": loss, **st.role}
+                save_model(model, tok, out / st.name, meta)
+            if st.name == "base":
                 base_state = {k: v.clone() for k, v in model.state_dict().items()}
     marker = {
-        "settings": digest,
+        "settings": s.digest(),
+        "mlp_settings": s.mlp_digest(),
         "config": asdict(s),
         "base": "base",
         "experts": {f"zoo_{t}": t for t in TASKS},
+        "mlp_experts": {f"zoo_{t}": f"{MLP_DIR}/{t}" for t in TASKS},
     }
     _write_json(out / MARKER, marker)  # last: its presence means the zoo is complete
     return out
@@ -347,5 +398,5 @@ def cli_zoo(args: argparse.Namespace) -> int:
         print(f"zoo: {out} is up to date (settings {s.digest()})")
         return 0
     build_zoo(out, s, progress=True)
-    print(f"zoo: built base + experts {', '.join(TASKS)} in {out}")
+    print(f"zoo: built base + experts and MLP experts {', '.join(TASKS)} in {out}")
     return 0

@@ -200,3 +200,27 @@ def test_mismatched_expert_leaves_nothing_behind(tiny_model, tmp_path):
         with pytest.raises(ConfigError, match=message):
             build_moe(parse_moe_config(_cfg(base, [base, other], "random")), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_logistic_router_separates_the_experts_prompts(tiny_model, tmp_path):
+    """Rows fit on each expert's tokens (run through the base with that expert's MLPs) send
+    most tokens of those prompts top-1 to that expert in the built MoE (the shared BOS token,
+    and a few tokens a random tiny model cannot tell apart, excepted)."""
+    from transformers import AutoTokenizer
+
+    from evomerge.moe_router import top1_choices
+
+    base, e1, e2 = (tiny_model(arch="qwen2", seed=s) for s in range(3))
+    out = build_moe(parse_moe_config(_cfg(base, [e1, e2], "logistic")), tmp_path / "moe")
+    moe, tok = _load(out), AutoTokenizer.from_pretrained(out)
+    for j, key in enumerate(("a", "b")):
+        picks = torch.cat([p[:, 1:] for p in top1_choices(moe, tok, PROMPTS[key])], dim=1)
+        assert (picks == j).float().mean() >= 0.75, (key, picks)
+
+
+def test_logistic_rejects_negative_prompts(tiny_model):
+    base = tiny_model(arch="qwen2", seed=0)
+    cfg = _cfg(base, [base, base], "logistic")
+    cfg["experts"][1]["negative_prompts"] = PROMPTS["neg"]
+    with pytest.raises(ConfigError, match="negative_prompts: expected none"):
+        parse_moe_config(cfg)

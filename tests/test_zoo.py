@@ -25,6 +25,8 @@ TINY = zoo.ZooSettings(
     base_batch=8,
     expert_steps=2,
     expert_batch=8,
+    mlp_steps=2,
+    mlp_batch=8,
 )
 
 
@@ -239,3 +241,26 @@ def test_full_zoo_experts_beat_base(tmp_path: Path) -> None:
         model, tok = zoo_eval.load(out / task)
         own = zoo_eval.score_task(model, tok, task, "heldout")
         assert own >= base[task] + 0.30, (task, own, base[task])
+
+
+def test_mlp_experts_change_only_mlp_tensors(tiny_zoo: Path) -> None:
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_zoo / "base/model.safetensors")
+    for t in TASKS:
+        mlp = load_file(tiny_zoo / zoo.MLP_DIR / t / "model.safetensors")
+        changed = {k for k in base if not torch_equal(base[k], mlp[k])}
+        assert changed and all(".mlp." in k for k in changed), (t, changed)
+    marker = json.loads((tiny_zoo / zoo.MARKER).read_text())
+    assert marker["mlp_experts"] == {f"zoo_{t}": f"mlp/{t}" for t in TASKS}
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))  # type: ignore[arg-type]
+
+
+def test_mlp_settings_leave_the_dense_digest_alone() -> None:
+    changed = replace(TINY, mlp_steps=3, mlp_lr=1e-2)
+    assert changed.digest() == TINY.digest() and changed.mlp_digest() != TINY.mlp_digest()
