@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.card import ScoreRow, SearchSummary
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.search.study import trial_state
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -52,9 +53,9 @@ def pick_trial(outcome: SearchOutcome, number: int | None) -> FrozenTrial:
             f"Did you mean one of the COMPLETE trials: {valid}{best_txt}?"
         )
     trial = trials[number]
-    if trial.state.name != "COMPLETE":
+    if trial_state(trial) != "COMPLETE":
         raise ConfigError(
-            f"--trial {number}: expected a COMPLETE trial, but it is {trial.state.name}. "
+            f"--trial {number}: expected a COMPLETE trial, but it is {trial_state(trial)}. "
             f"COMPLETE trials: {valid}{best_txt}"
         )
     return trial
@@ -118,17 +119,17 @@ def score_rows(outcome: SearchOutcome, trial: FrozenTrial) -> list[ScoreRow]:
                              dict(outcome.base.get("heldout", {}))))  # fmt: skip
     for t in outcome.study.get_trials(deepcopy=False):
         label = t.user_attrs.get("baseline")
-        if not label or t.number == trial.number or t.state.name not in ("COMPLETE", "PRUNED"):
+        state = trial_state(t)
+        if not label or t.number == trial.number or state not in ("COMPLETE", "PRUNED"):
             continue
-        name = _baseline_label(str(label)) + (" (pruned: partial)" if t.state.name == "PRUNED"
-                                              else "")  # fmt: skip
+        name = _baseline_label(str(label)) + (" (pruned: partial)" if state == "PRUNED" else "")
         rows.append(ScoreRow(name, _proxy(t), dict(held.get(t.number, {}).get("tasks", {}))))
     return rows
 
 
 def search_summary(outcome: SearchOutcome, trial: FrozenTrial) -> SearchSummary:
     trials = outcome.study.get_trials(deepcopy=False)
-    states = [t.state.name for t in trials]
+    states = [trial_state(t) for t in trials]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None

@@ -36,6 +36,7 @@ from evomerge.search.space import SearchSpace
 from evomerge.search.study import (
     CONSTRAINED_SAMPLERS,
     FAIL_KIND,
+    STOPPED_AT,
     budget_state,
     enqueue,
     make_pruner,
@@ -44,6 +45,7 @@ from evomerge.search.study import (
     open_study,
     over_budget,
     storage_url,
+    trial_state,
 )
 
 __all__ = ["SearchOutcome", "cli_search", "cli_status", "load_study_outcome", "run_search"]
@@ -270,6 +272,16 @@ def run_search(
         recipe = space.suggest(trial)
         mine["recipe"] = recipe
         trial.set_user_attr("recipe", dump_recipe(recipe))
+        prev = _same_params(st, trial)
+        if prev is not None:  # scoring is deterministic: the same candidate, the same scores
+            for key in [k for k in prev.user_attrs if k.startswith("proxy_")] + _COPIED:
+                if key in prev.user_attrs:
+                    trial.set_user_attr(key, prev.user_attrs[key])
+            trial.set_user_attr("docs_scored", 0)
+            trial.set_user_attr("repeat_of", prev.number)
+            if constrained:
+                trial.set_constraint("max_drop", prev.user_attrs.get("violation", 0.0))
+            return prev.values if len(prev.values) > 1 else prev.values[0]
         rep = _Reporter(trial, obj, mode, wb.task_names)
         try:
             res = wb.evaluate(recipe, "search", on_chunk=rep)
@@ -286,10 +298,16 @@ def run_search(
             raise
         for t, m in means.items():
             trial.set_user_attr(f"proxy_{t}", m)
-        trial.set_user_attr("docs_scored", sum(s.n for s in res.tasks.values()))
+        docs = sum(s.n for s in res.tasks.values())
+        trial.set_user_attr("docs_scored", docs)
         if rep.pruned:
-            raise optuna.TrialPruned()
-        if mode == "examples":
+            # Return the estimate from the documents scored so far instead of raising
+            # TrialPruned (the workaround Optuna documents with WilcoxonPruner): GP and
+            # CMA-ES learn only from COMPLETE trials, and without this they keep proposing
+            # the region the pruner just cut. trial_state() shows it as PRUNED, and it is
+            # never ranked, re-scored on held-out or exported.
+            trial.set_user_attr(STOPPED_AT, docs)
+        elif mode == "examples":
             rep.report_examples(res.per_example)  # the full set: later trials pair against it
         values = obj.values(means)
         violation = obj.violation(means, base_search)
@@ -345,6 +363,22 @@ def run_search(
     if not quiet:
         print(status_text(out, top=10), file=sys.stderr)
     return out
+
+
+_COPIED = [STOPPED_AT, "violation"]  # user attrs a repeated candidate takes from its twin
+
+
+def _same_params(st: Any, trial: Any) -> Any:
+    """The earliest COMPLETE trial with exactly this trial's parameters, or None. Samplers do
+    propose a point again (GP near its optimum, TPE from a narrow Parzen window); it is
+    answered from the twin's scores, costing no evaluation (Optuna's FAQ recipe)."""
+    from optuna.trial import TrialState
+
+    params = trial.params
+    for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != trial.number and t.params == params:
+            return t
+    return None
 
 
 def _first_heartbeat(store: Any, st: Any, nudged: set[int]) -> None:
@@ -403,19 +437,16 @@ def _trial_line(st: Any, mine: dict, seconds: float) -> str:
     if "number" not in mine:
         return ""
     t = _get(st, mine["number"])
+    state = trial_state(t)
     scores = " ".join(f"{k[6:]} {v:.3f}" for k, v in t.user_attrs.items() if k.startswith("proxy_"))
-    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if t.state.name == "COMPLETE" else ""
+    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
     kind = t.user_attrs.get(FAIL_KIND, "")
     what = _summary(mine["recipe"]) if mine.get("recipe") else kind
-    line = f"#{t.number} {t.state.name} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
+    line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
     if t.user_attrs.get("fail_reason"):
         line += f" | {t.user_attrs['fail_reason']}"
-    try:
-        best = st.best_trial if len(st.directions) == 1 else None
-        line += f" | best #{best.number} {best.value:.4f}" if best else ""
-    except ValueError:  # no COMPLETE trial yet
-        pass
-    return line
+    top = ranked(st) if len(st.directions) == 1 else []
+    return line + (f" | best #{top[0].number} {top[0].value:.4f}" if top else "")
 
 
 def _get(st: Any, number: int) -> Any:

@@ -25,9 +25,9 @@ def _pyplot():
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    from optuna.trial import TrialState
+    from evomerge.search.study import trial_state
 
-    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    return [t for t in study.get_trials(deepcopy=False) if trial_state(t) == "COMPLETE"]
 
 
 def _objective_names(study: optuna.Study) -> list[str]:

@@ -182,7 +182,7 @@ def trials_per_hour(run: Run, n: int) -> float:
 
 def study_trials(study: Any) -> list[Trial]:
     """The trials that count toward the budget, in order, as plain records."""
-    from evomerge.search.study import counts_toward_budget
+    from evomerge.search.study import counts_toward_budget, trial_state
 
     done = sorted(
         (t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)),
@@ -192,8 +192,8 @@ def study_trials(study: Any) -> list[Trial]:
     return [
         {
             "n": t.number,
-            "state": t.state.name,
-            "value": t.value if t.state.name == "COMPLETE" else None,
+            "state": trial_state(t),
+            "value": t.value if trial_state(t) == "COMPLETE" else None,
             "docs": int(t.user_attrs.get("docs_scored", 0)),
             "t": (t.datetime_complete - t0).total_seconds(),
             "baseline": t.user_attrs.get("baseline", ""),

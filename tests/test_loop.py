@@ -221,3 +221,43 @@ search: {{n_trials: 4, seed: 0}}
     assert out.best_trial.number in out.heldout and "search" in out.base
     recipe = out.best_recipe.final
     assert sum(m.parameters["weight"] for m in recipe.models) == pytest.approx(1.0)
+
+
+def test_pruned_trials_tell_the_sampler_their_estimate(tmp_path: Path):
+    """A trial the pruner stops is COMPLETE in Optuna with the estimate from the documents it
+    scored (so GP and CMA-ES learn from it), shows as PRUNED, and never ranks or exports."""
+    from evomerge.search.results import ranked
+    from evomerge.search.study import trial_state
+
+    space = write_space(tmp_path)
+    wb = FakeWorkbench()
+    out = run_search(space, n_trials=24, sampler="gp", results=tmp_path / "r", workbench=wb,
+                     quiet=True)  # fmt: skip
+    stopped = [t for t in out.study.trials if trial_state(t) == "PRUNED"]
+    assert stopped, "the median pruner stopped no trial"
+    for t in stopped:
+        assert t.state.name == "COMPLETE" and t.user_attrs["docs_scored"] == 30  # 3 tasks x 10
+        w = [m.parameters["weight"] for m in out.space.decode(t.params).final.models]
+        # hand-computed estimate: mean over tasks of 1 - (w_k - t_k)^2 - 0.01 * mean(d % 5)
+        # over the first 10 documents (offsets 0..4 twice: mean 0.02)
+        expect = (
+            sum(1 - (wk - tk) ** 2 - 0.02 for wk, tk in zip(w, (0.6, 0.3, 0.1), strict=True)) / 3
+        )
+        assert t.value == pytest.approx(expect)
+        assert t.number not in out.heldout
+    assert stopped[0].number not in {t.number for t in ranked(out.study)}
+    assert trial_state(out.best_trial) == "COMPLETE"
+    # a repeated proposal is answered from its twin, not evaluated again
+    seen: dict[tuple, object] = {}
+    for t in out.study.trials:
+        key = tuple(sorted(t.params.items()))
+        if key in seen:
+            twin = seen[key]
+            assert t.user_attrs["repeat_of"] == twin.number and t.value == twin.value
+            assert t.user_attrs["docs_scored"] == 0 and trial_state(t) == trial_state(twin)
+        else:
+            seen[key] = t
+    evaluated = [r for r in wb.merged if r is not None]
+    assert len(evaluated) == len(seen) + len(out.heldout)  # search + held-out re-scoring
+    csv = (tmp_path / "r" / "space" / "trials.csv").read_text()
+    assert ",PRUNED," in csv

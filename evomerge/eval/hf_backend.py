@@ -20,7 +20,7 @@ import torch
 
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_generate import greedy_generate, prefill
+from evomerge.eval.hf_generate import greedy_generate, kv_cache, prefill
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -89,7 +89,10 @@ class HFBackend:
         self.pad_id = next(
             t for t in (tokenizer.pad_token_id, eos, 0) if t is not None
         )  # any id: padded positions are masked (generate) or after the scored ones (ll)
-        self.logits_to_keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_params = inspect.signature(model.forward).parameters
+        self.logits_to_keep_ok = "logits_to_keep" in forward_params
+        # transformers >= 5.24 renamed past_key_values to cache (the old name warns)
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
         self._live: dict[str, torch.Tensor] | None = None
 
@@ -215,7 +218,7 @@ class HFBackend:
             # right-padded tail: a padded position comes after every scored one (causal)
             tail_mask = mask.new_ones((len(chunk), width))
             tail_pos = last_pos[rows, None] + 1 + torch.arange(width, device=self.device)
-            cache = _select_cache(res.past_key_values, rows)
+            cache = _select_cache(kv_cache(res), rows)
             logits = self._run(
                 tail.to(self.device), torch.cat([mask[rows], tail_mask], 1), tail_pos, cache, 0
             ).logits  # (n_rows, width, vocab)
@@ -226,14 +229,10 @@ class HFBackend:
     def _run(self, ids, mask, pos, cache, logits_to_keep: int) -> Any:
         """One forward pass with a KV cache (logits_to_keep: 0 = all positions)."""
         kw = {"logits_to_keep": logits_to_keep} if self.logits_to_keep_ok else {}
+        kw[self._cache_kw] = cache
         try:
             res = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                **kw,
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw
             )
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory on a batch of {tuple(ids.shape)}") from exc

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 _MIN_SHARED = 4  # shorter shared prefixes are not worth a forward pass of their own
 
 
+def kv_cache(output: Any) -> Any:
+    """The KV cache of a forward pass's output (`cache` since transformers 5.24)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def cut_at_stops(text: str, stops: list[str]) -> str:
     """Text before the first occurrence of any stop string (lm-eval's postprocessing)."""
     for stop in stops:
@@ -58,7 +64,7 @@ def prefill(backend: HFBackend, seqs: Sequence[Sequence[int]]) -> tuple[Any, Any
     if n > 1 and shared >= _MIN_SHARED:
         head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
         ones = torch.ones((1, shared), dtype=torch.long, device=device)
-        cache = backend._run(head, ones, ones.cumsum(-1) - 1, None, 1).past_key_values
+        cache = kv_cache(backend._run(head, ones, ones.cumsum(-1) - 1, None, 1))
         cache.batch_repeat_interleave(n)
         seqs = [s[shared:] for s in seqs]
     else:
@@ -103,7 +109,7 @@ def greedy_generate(
             still.append(j)
         if not still or step == spec.max_gen_toks - 1:
             break
-        cache = out.past_key_values
+        cache = kv_cache(out)
         if len(still) < len(active):  # finished rows leave the batch (and the KV cache)
             keep = torch.tensor(still, device=device)
             cache.batch_select_indices(keep)

@@ -159,7 +159,7 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
         raise ValueError(f"consensus method must be 'sum', but got {consensus!r}")
     p, m, n = inputs.params, len(rows), base.numel()
     tv = task_vectors(inputs).reshape(m, -1)  # (m, n)
-    dens = inputs.model_params["density"][rows].tolist()
+    dens = inputs.model_params["density"][rows].tolist() if kind else [1.0] * m  # no mask
     extra_name = {"breadcrumbs": "gamma", "della": "epsilon"}.get(kind or "")
     extras = inputs.model_params[extra_name][rows].tolist() if extra_name else [None] * m
     w = [_f32(x) for x in inputs.model_params["weight"][rows].tolist()]
@@ -173,7 +173,7 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
         "one": empty("gta.one", (c,), f32).fill_(1.0),
     }  # fmt: skip
     masks = [_RowMask(inputs, kind, rows[j], tv[j], dens[j], extras[j]) for j in range(m)]
-    scale = [_rescale_factor(inputs, rows[j], tv[j], masks[j], bufs) if p["rescale"] else None
+    scale = [_rescale_factor(inputs, rows[j], tv[j], masks[j], bufs) if p.get("rescale") else None
              for j in range(m)]  # fmt: skip
     w_col = torch.tensor(w, dtype=torch.float32, **dev).view(m, 1)  # (m, 1)
     out = empty("out", tuple(base.shape), base)

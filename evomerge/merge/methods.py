@@ -253,11 +253,19 @@ EPSILON = Param("epsilon", "float", "model", 0.15,
 def _gta_params(normalize: bool, rescale: bool, kind: str | None) -> tuple[Param, ...]:
     extra = {"breadcrumbs": (GAMMA,), "della": (EPSILON,)}.get(kind or "", ())
     norm_doc = "divide by the summed weights (of the models agreeing with the elected sign)"
+    # density and rescale act through a sparsification mask: without one (task_arithmetic)
+    # mergekit reads neither, so they are not declared, and a search never spends a
+    # dimension on them (a recipe that sets them gets the unread-parameter warning)
+    masked = (
+        (DENSITY, Param("rescale", "bool", "global", rescale, "rescale kept entries to L1 norm"))
+        if kind is not None
+        else ()
+    )
     return (
         WEIGHT,
-        DENSITY,
+        *masked[:1],
         Param("normalize", "bool", "global", normalize, norm_doc),
-        Param("rescale", "bool", "global", rescale, "rescale kept entries to the L1 norm"),
+        *masked[1:],
         LAMBDA,
         INT8,
         *extra,

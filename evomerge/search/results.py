@@ -22,7 +22,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.search.space import SearchSpace
-from evomerge.search.study import open_storage, storage_url
+from evomerge.search.study import open_storage, storage_url, trial_state
 
 META = "search.json"
 
@@ -70,10 +70,9 @@ def heldout_scores(study: Any) -> dict[int, dict[str, Any]]:
 
 
 def ranked(study: Any) -> list[Any]:
-    """COMPLETE trials, best proxy first (first objective; Pareto front first when several)."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    """Fully evaluated trials, best proxy first (first objective; Pareto front first when
+    several). Trials the pruner stopped are left out: their values come from fewer documents."""
+    done = [t for t in study.get_trials(deepcopy=False) if trial_state(t) == "COMPLETE"]
     sign = 1.0 if study.directions[0].name == "MAXIMIZE" else -1.0
     front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
     return sorted(done, key=lambda t: (t.number not in front, -sign * t.values[0], t.number))
@@ -99,10 +98,11 @@ def trials_frame(study: Any, names: list[str] | None = None) -> Any:
     names = names or study.user_attrs.get("objective_names") or ["objective"]
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        state = trial_state(t)
+        row: dict[str, Any] = {"number": t.number, "state": state}
         for k, name in enumerate(names):
-            complete = t.state.name == "COMPLETE" and t.values and k < len(t.values)
-            row[name] = t.values[k] if complete else None  # a PRUNED value is a partial report
+            complete = state == "COMPLETE" and t.values and k < len(t.values)
+            row[name] = t.values[k] if complete else None  # a PRUNED value is a partial estimate
         for key, v in sorted(t.user_attrs.items()):
             if key.startswith("proxy_"):
                 row[key] = v
@@ -111,6 +111,7 @@ def trials_frame(study: Any, names: list[str] | None = None) -> Any:
             row.update({f"heldout_{task}": v for task, v in h["tasks"].items()})
             for k, name in enumerate(names):
                 row[f"heldout_{name}"] = h["objective"][k]
+        row["docs_scored"] = t.user_attrs.get("docs_scored")
         row["seconds"] = t.duration.total_seconds() if t.duration else None
         row["baseline"] = t.user_attrs.get("baseline", "")
         row["fail"] = t.user_attrs.get("fail_reason", "")

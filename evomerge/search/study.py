@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 
 CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # read trial.constraints (set_constraint)
 FAIL_KIND = "fail_kind"  # trial user attr: "candidate" (counts), "interrupted", "over_budget"
+STOPPED_AT = "stopped_at_docs"  # trial user attr: documents scored when the pruner stopped it
+
+
+def trial_state(trial: Any) -> str:
+    """The state evomerge shows and ranks by: Optuna's, except "PRUNED" for a trial the pruner
+    stopped. Such a trial is COMPLETE in Optuna, valued by its estimate from the documents it
+    scored (Optuna's documented workaround, see loop.py): every sampler learns from it, and it
+    never ranks as best, is never re-scored on held-out and is never exported."""
+    if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_AT):
+        return "PRUNED"
+    return trial.state.name
 
 
 def _dirichlet_sampler_cls() -> type:
