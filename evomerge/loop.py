@@ -43,6 +43,7 @@ from evomerge.search.study import (
     make_sampler,
     open_storage,
     open_study,
+    options_for,
     over_budget,
     storage_url,
     trial_state,
@@ -238,8 +239,9 @@ def run_search(
     obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)
     constrained = obj.max_drop is not None
     use_cf = constrained and sampler in CONSTRAINED_SAMPLERS
-    smp = make_sampler(sampler, space, seed, len(obj.specs))
-    pruner, mode = make_pruner(cfg.get("pruner", "median"), len(obj.specs), prune)
+    smp = make_sampler(sampler, space, seed, len(obj.specs), options_for(cfg, "sampler", sampler))
+    pname = cfg.get("pruner", "median")
+    pruner, mode = make_pruner(pname, len(obj.specs), prune, options_for(cfg, "pruner", pname))
     created = not study_dir.exists()
     try:
         study_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,51 @@ def test_reopen_with_other_directions_is_a_config_error(tmp_path: Path):
     open_study("s", open_storage(url), None, None, ["maximize"])
     with pytest.raises(ConfigError, match="directions"):
         open_study("s", open_storage(url), None, None, ["maximize", "minimize"])
+
+
+def test_sampler_and_pruner_options_reach_optuna():
+    sp = SearchSpace.from_text(SPACE, "s.yaml")
+    # n_startup_trials=2: TPE proposes from its model from the third trial on, so the third
+    # proposal differs from what the default (10 random start-up trials) would draw
+    runs = []
+    for options in (None, {"n_startup_trials": 2}):
+        study = optuna.create_study(
+            sampler=make_sampler("tpe", sp, 0, 1, options), direction="maximize"
+        )
+        study.optimize(lambda t: _score(sp.suggest(t)), n_trials=3)
+        runs.append([t.params for t in study.trials])
+    assert runs[0][:2] == runs[1][:2] and runs[0][2] != runs[1][2]
+    pruner, mode = make_pruner("median", 1, options={"n_startup_trials": 7})
+    assert mode == "docs" and pruner._n_startup_trials == 7
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "message"),
+    [
+        ("gp", {"n_startup_trial": 3}, "Did you mean 'n_startup_trials'"),
+        ("gp", {"seed": 3}, "'seed' is set by evomerge (use search.seed)"),
+        (
+            "tpe",
+            {"n_startup_trials": "many"},
+            "'n_startup_trials' must be int, like its default 10",
+        ),
+        ("tpe", {"group": 1}, "'group' must be bool"),
+        ("median", {"n_warmup_steps": -1}, "median options {'n_warmup_steps': -1}"),
+    ],
+)
+def test_bad_options_are_config_errors(kind, options, message):
+    sp = SearchSpace.from_text(SPACE, "s.yaml")
+    with pytest.raises(ConfigError) as err:
+        if kind == "median":
+            make_pruner(kind, 1, options=options)
+        else:
+            make_sampler(kind, sp, 0, 1, options)
+    assert message in str(err.value)
+
+
+def test_options_table_is_checked_when_the_space_loads():
+    text = SPACE + "search: {sampler_options: {gpp: {n_startup_trials: 3}}}\n"
+    with pytest.raises(ConfigError, match=r"unknown sampler 'gpp'\. Did you mean 'gp'"):
+        SearchSpace.from_text(text, "s.yaml")
+    with pytest.raises(ConfigError, match=re.escape("expected {pruner name: {keyword: value}}")):
+        SearchSpace.from_text(SPACE + "search: {pruner_options: {median: 3}}\n", "s.yaml")

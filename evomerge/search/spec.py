@@ -53,6 +53,8 @@ SEARCH_KEYS = (
     "timeout",
     "seed",
     "pruner",
+    "sampler_options",
+    "pruner_options",
     "heartbeat",
     "grace_period",
     "penalty",
@@ -395,6 +397,18 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
     pruner = spec.search.get("pruner", "median")
     if pruner not in PRUNERS:
         raise ConfigError(f"{src}: search.pruner: {did_you_mean(pruner, PRUNERS, 'pruner')}")
+    for kind, names in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        table = spec.search.get(f"{kind}_options")
+        if table is None:
+            continue
+        where = f"{src}: search.{kind}_options"
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ConfigError(
+                f"{where}: expected {{{kind} name: {{keyword: value}}}}, but got {table!r}"
+            )
+        for key in table:
+            if key not in names:
+                raise ConfigError(f"{where}: {did_you_mean(key, names, kind)}")
     constraint = data.get("constraint") or {}
     _check_keys(constraint, ("max_drop",), f"{src}: constraint", "constraint key")
     if "max_drop" in constraint:

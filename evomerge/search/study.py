@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import optuna
@@ -87,61 +87,136 @@ def make_sampler(
     space: SearchSpace,
     seed: int | None,
     n_objectives: int,
+    options: dict[str, Any] | None = None,
 ) -> optuna.samplers.BaseSampler:
     """A seeded sampler; it also switches the space to this sampler's simplex parameterization.
-    Constraints reach tpe/nsga2/gp through `trial.set_constraint` (Optuna 5 deprecates
-    constraints_func); the loop penalizes the objective for the other samplers."""
+
+    `options` (the space's `search.sampler_options`) are keyword arguments of the Optuna
+    sampler's constructor, over evomerge's defaults. Constraints reach tpe/nsga2/gp through
+    `trial.set_constraint` (Optuna 5 deprecates constraints_func); the loop penalizes the
+    objective for the other samplers."""
     import optuna
 
     space.use_sampler(name)
-    with warnings.catch_warnings():  # QMC is flagged experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _sampler(name, space, seed)
-
-
-def _sampler(name: str, space: SearchSpace, seed: int | None) -> Any:
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            multivariate=True,
-            constant_liar=True,
-            n_startup_trials=10,
-        )
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=1, warn_independent_sampling=False
-        )
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
     if name == "dirichlet":
         groups = [g for m in space.spec.methods for g in space.simplex_groups(m)]
-        return _dirichlet_sampler_cls()(groups, seed=seed)
-    raise ConfigError(f"unknown sampler '{name}'")
+        check_options("dirichlet", _dirichlet_sampler_cls(), options, {"groups", "seed"})
+        return _dirichlet_sampler_cls()(groups, seed=seed, **(options or {}))
+    if name not in SAMPLER_CLASSES:
+        raise ConfigError(f"unknown sampler '{name}'")
+    cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
+    kwargs = {"seed": seed, **sampler_defaults(name, space), **(options or {})}
+    check_options(name, cls, options, {"seed"})
+    return _construct(name, cls, kwargs, options)
 
 
-def make_pruner(name: str, n_objectives: int, enabled: bool = True) -> tuple[Any, str]:
+def _construct(name: str, cls: Any, kwargs: dict[str, Any], options: Any) -> Any:
+    """cls(**kwargs), a bad option value being bad input (ConfigError), not a crash."""
+    import optuna
+
+    with warnings.catch_warnings():  # QMC and WilcoxonPruner are flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} options {options}: {exc}") from None
+
+
+def options_for(search: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:
+    """The options of sampler or pruner `name` from a space's `search:` section:
+    `sampler_options: {gp: {n_startup_trials: 8}}` (keyed by name, so `--sampler` can switch)."""
+    table = search.get(f"{kind}_options") or {}
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"search.{kind}_options: expected a mapping {{{kind} name: {{keyword: value}}}}, "
+            f"but got {table!r}"
+        )
+    return table.get(name)
+
+
+SAMPLER_CLASSES = {
+    "tpe": "TPESampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "nsga2": "NSGAIISampler",
+    "qmc": "QMCSampler",
+}
+
+
+def sampler_defaults(name: str, space: SearchSpace) -> dict[str, Any]:
+    """evomerge's defaults for each Optuna sampler (see README, search benchmark)."""
+    if name == "tpe":
+        return {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
+    if name == "cmaes":
+        return {"n_startup_trials": 1, "warn_independent_sampling": False}
+    if name == "gp":
+        return {}
+    if name == "nsga2":
+        return {"population_size": 16}
+    if name == "qmc":
+        return {"scramble": True, "warn_independent_sampling": False}
+    return {}
+
+
+def check_options(name: str, cls: Any, options: dict[str, Any] | None, reserved: set[str]) -> None:
+    """ConfigError for sampler/pruner options its constructor does not take."""
+    import inspect
+
+    if not options:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"{name} options: expected a mapping of keyword arguments, got {options!r}"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p not in reserved and p != "self"]
+    for key, value in options.items():
+        if key in reserved:
+            raise ConfigError(f"{name} options: '{key}' is set by evomerge (use search.{key})")
+        if key not in accepted:
+            what = f"keyword argument of {cls.__name__}"
+            raise ConfigError(f"{name} options: {did_you_mean(key, accepted, what)}")
+        default = params[key].default  # a scalar default says the type the value must have
+        want = type(default) if isinstance(default, (bool, int, float)) else None
+        if want is not None and not _is_kind(value, want):
+            raise ConfigError(
+                f"{name} options: '{key}' must be {want.__name__}, like its default "
+                f"{default!r}, but got {value!r}"
+            )
+
+
+def _is_kind(value: Any, want: type) -> bool:
+    """value fits a parameter whose default is of type `want` (an int is a float; a bool is
+    neither: YAML's `1` and `true` differ)."""
+    if want is bool or isinstance(value, bool):
+        return want is bool and isinstance(value, bool)
+    return isinstance(value, int) if want is int else isinstance(value, (int, float))
+
+
+def make_pruner(
+    name: str, n_objectives: int, enabled: bool = True, options: dict[str, Any] | None = None
+) -> tuple[Any, str]:
     """(pruner, report mode). Mode "examples": one report per example with step = a stable
     example id (WilcoxonPruner's paired test against the best trial); mode "docs": one report
-    per chunk with step = number of docs scored so far. Multi-objective studies cannot prune."""
+    per chunk with step = number of docs scored so far. Multi-objective studies cannot prune.
+    `options` (the space's `search.pruner_options`) go to the Optuna pruner's constructor."""
     import optuna
 
     if not enabled or name == "none" or n_objectives > 1:
         return optuna.pruners.NopPruner(), "none"
-    if name == "wilcoxon":
-        with warnings.catch_warnings():  # flagged experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=8), "examples"
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0), "docs"
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(), "docs"
-    raise ConfigError(f"unknown pruner '{name}'")
+    if name not in PRUNER_CLASSES:
+        raise ConfigError(f"unknown pruner '{name}'")
+    cls_name, mode, defaults = PRUNER_CLASSES[name]
+    cls = getattr(optuna.pruners, cls_name)
+    check_options(name, cls, options, set())
+    return _construct(name, cls, {**defaults, **(options or {})}, options), mode
+
+
+PRUNER_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "wilcoxon": ("WilcoxonPruner", "examples", {"p_threshold": 0.1, "n_startup_steps": 8}),
+    "median": ("MedianPruner", "docs", {"n_startup_trials": 5, "n_warmup_steps": 0}),
+    "halving": ("SuccessiveHalvingPruner", "docs", {}),
+}
 
 
 def storage_url(storage: str | None, study_dir: Path) -> str:
