@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ def _space_file(zoo: Path) -> Path:
     if not SPACE.is_file():
         raise ConfigError(f"demo: the search space {SPACE.name} is missing from search_spaces/")
     if zoo.resolve() == Path("zoo").resolve():
-        return SPACE
+        # relative when possible: the path is recorded in results/demo (no machine paths)
+        return Path(os.path.relpath(SPACE)) if SPACE.is_relative_to(Path.cwd()) else SPACE
     text = SPACE.read_text().replace("zoo/", f"{zoo.as_posix().rstrip('/')}/")
     out = Path("results") / ".demo_space.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
 
     t0 = time.time()
     print("[1/5] zoo: building (or reusing) the tiny offline model zoo", file=sys.stderr)
-    build_zoo(zoo)
+    build_zoo(zoo, mlp=False)  # the MLP experts serve `evomerge moe` only
     space_path = _space_file(zoo)
     space = SearchSpace.from_yaml(space_path)
     ecfg = space.spec.eval

@@ -284,7 +284,7 @@ class Stage:
     mlp_only: bool = False
 
 
-def _stages(s: ZooSettings) -> list[Stage]:
+def _stages(s: ZooSettings, with_mlp: bool = True) -> list[Stage]:
     dense, mlp = s.digest(), s.mlp_digest()
     stages = [
         Stage("base", base_mix, s.base_steps, s.base_batch, s.base_lr, dense, {"role": "base"})
@@ -293,7 +293,7 @@ def _stages(s: ZooSettings) -> list[Stage]:
         role = {"role": "expert", "task": f"zoo_{t}"}
         sample = expert_mix(t, s.replay)
         stages.append(Stage(t, sample, s.expert_steps, s.expert_batch, s.expert_lr, dense, role))
-    for t in TASKS:
+    for t in TASKS if with_mlp else ():
         role = {"role": "mlp_expert", "task": f"zoo_{t}"}
         sample = expert_mix(t, s.mlp_replay)
         stages.append(
@@ -302,15 +302,16 @@ def _stages(s: ZooSettings) -> list[Stage]:
     return stages
 
 
-def zoo_is_built(out: Path, settings: ZooSettings) -> bool:
+def zoo_is_built(out: Path, settings: ZooSettings, mlp: bool = True) -> bool:
+    """True if `out` holds the zoo of `settings` (with its MLP experts if `mlp`)."""
     try:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
     return (
         marker.get("settings") == settings.digest()
-        and marker.get("mlp_settings") == settings.mlp_digest()
-        and all(_finished(out / st.name, st.digest) for st in _stages(settings))
+        and (not mlp or marker.get("mlp_settings") == settings.mlp_digest())
+        and all(_finished(out / st.name, st.digest) for st in _stages(settings, mlp))
     )
 
 
@@ -341,15 +342,18 @@ def _train_stage(model: Any, tok: Tokenizer, st: Stage, s: ZooSettings, bar: Any
     )
 
 
-def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bool = True) -> Path:
-    """Train (or reuse) the zoo under `out`; returns its folder. Same settings -> same bytes."""
+def build_zoo(
+    out: str | Path, settings: ZooSettings | None = None, progress: bool = True, mlp: bool = True
+) -> Path:
+    """Train (or reuse) the zoo under `out`; returns its folder. Same settings -> same bytes.
+    `mlp` False skips the MLP experts (only `evomerge moe` uses them; the demo does not)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import Qwen2ForCausalLM
 
     s = settings or DEFAULT_SETTINGS
     out = Path(out)
-    if zoo_is_built(out, s):
+    if zoo_is_built(out, s, mlp):
         return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"zoo: expected a folder for --out, got the file {out}")
@@ -359,7 +363,7 @@ def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bo
         shutil.rmtree(stale)
     tok = build_tokenizer()
     config = model_config(s, tok.get_vocab_size(), tok.token_to_id(EOS))
-    stages = _stages(s)
+    stages = _stages(s, mlp)
     bar = tqdm(total=sum(st.steps for st in stages), desc="zoo", unit="step", disable=not progress)
     with deterministic(), bar:
         base_state: dict[str, torch.Tensor] = {}
@@ -380,12 +384,13 @@ def build_zoo(out: str | Path, settings: ZooSettings | None = None, progress: bo
                 base_state = {k: v.clone() for k, v in model.state_dict().items()}
     marker = {
         "settings": s.digest(),
-        "mlp_settings": s.mlp_digest(),
         "config": asdict(s),
         "base": "base",
         "experts": {f"zoo_{t}": t for t in TASKS},
-        "mlp_experts": {f"zoo_{t}": f"{MLP_DIR}/{t}" for t in TASKS},
     }
+    if mlp or all(_finished(out / st.name, st.digest) for st in _stages(s)):  # built earlier
+        marker["mlp_settings"] = s.mlp_digest()
+        marker["mlp_experts"] = {f"zoo_{t}": f"{MLP_DIR}/{t}" for t in TASKS}
     _write_json(out / MARKER, marker)  # last: its presence means the zoo is complete
     return out
 

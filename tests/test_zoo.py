@@ -180,6 +180,20 @@ def test_rebuild_is_bit_identical_and_idempotent(
     assert _tree(other) == _tree(tiny_zoo)
 
 
+def test_dense_zoo_first_then_mlp_experts(tiny_zoo: Path, tmp_path: Path) -> None:
+    """The demo builds the zoo without MLP experts; a later full build adds only those."""
+    dense = zoo.build_zoo(tmp_path / "dense", TINY, progress=False, mlp=False)
+    assert not (dense / zoo.MLP_DIR).exists()
+    assert zoo.zoo_is_built(dense, TINY, mlp=False) and not zoo.zoo_is_built(dense, TINY)
+    before = _tree(dense)
+    zoo.build_zoo(dense, TINY, progress=False)
+    after = _tree(dense)
+    assert {k: v for k, v in after.items() if k in before and k != zoo.MARKER} == {
+        k: v for k, v in before.items() if k != zoo.MARKER
+    }  # the dense models were reused, not retrained
+    assert after == _tree(tiny_zoo)  # and the result is the zoo a full build makes
+
+
 def test_experts_differ_from_base_and_each_other(tiny_zoo: Path) -> None:
     blobs = {n: (tiny_zoo / n / "model.safetensors").read_bytes() for n in ("base", *TASKS)}
     assert len(set(blobs.values())) == len(blobs)
