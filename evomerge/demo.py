@@ -16,7 +16,8 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError
 
-DEMO_TRIALS = 40  # per search (TPE and the Dirichlet baseline); a trial takes ~1 s here
+DEMO_TRIALS = 40  # budget: the documents of this many full evaluations, for both searches
+TRIAL_CAP = 4  # the pruned search stops after TRIAL_CAP x DEMO_TRIALS trials at the latest
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "zoo_demo.yaml"
 
 
@@ -71,6 +72,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     from evomerge.loop import LiveWorkbench, run_search
     from evomerge.search.baselines import baseline_trials
     from evomerge.search.space import SearchSpace
+    from evomerge.search.study import counts_toward_budget, docs_budget
     from evomerge.zoo import build_zoo
 
     t0 = time.time()
@@ -92,22 +94,23 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
         )
 
     wb = workbench()
-    common = dict(n_trials=budget, seed=seed, results=results)
+    sampler = space.spec.search.get("sampler", "tpe")
     print(
-        f"[2/5] search: {budget} trials, {space.spec.search.get('sampler', 'tpe')} with pruning",
+        f"[2/5] search: {sampler} with pruning, for the documents of {budget} full evaluations",
         file=sys.stderr,
     )
-    main = run_search(space_path, study="demo", prune=True, workbench=wb, **common)
-    print(f"[3/5] baseline: Dirichlet random search, {budget} trials", file=sys.stderr)
+    # equal budgets in documents scored: a pruned trial costs only what it scored, so the
+    # search runs more (cheaper) trials than the random baseline's `budget` full ones
+    common = dict(seed=seed, results=results)
+    main = run_search(
+        space_path, study="demo", n_trials=TRIAL_CAP * budget, prune=True, workbench=wb,
+        stop=docs_budget(budget), **common,
+    )  # fmt: skip
+    print(f"[3/5] baseline: Dirichlet random search, {budget} full trials", file=sys.stderr)
     rand = run_search(
-        space_path,
-        study="demo_dirichlet",
-        sampler="dirichlet",
-        prune=False,
-        quiet=True,
-        workbench=workbench(),
-        **common,
-    )
+        space_path, study="demo_dirichlet", n_trials=budget, sampler="dirichlet", prune=False,
+        quiet=True, workbench=workbench(), **common,
+    )  # fmt: skip
     print("[4/5] held-out scores of the base, each expert and the uniform merge", file=sys.stderr)
     rows = [Row("base", dict(main.base.get("heldout", {})))]
     for label, params in baseline_trials(space):
@@ -115,9 +118,8 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
             name = label.split(":")[1] if label.startswith("expert:") else "uniform merge"
             rows.append(Row(name, _heldout(wb, space.decode(params))))
     rows.append(Row(f"dirichlet random (best of {budget})", _best_heldout(rand)))
-    rows.append(
-        Row(f"evomerge {space.spec.search.get('sampler', 'tpe')} (winner)", _best_heldout(main))
-    )
+    n_main = sum(counts_toward_budget(t) for t in main.study.get_trials(deepcopy=False))
+    rows.append(Row(f"evomerge {sampler} ({n_main} trials, winner)", _best_heldout(main)))
     print("[5/5] export: recipe, checkpoint, card, plots", file=sys.stderr)
     export_dir = export_study(results / "demo", out=results / "demo" / "export").out_dir
     tasks = list(wb.task_names)

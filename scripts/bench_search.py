@@ -47,7 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,21 +202,11 @@ def study_trials(study: Any) -> list[Trial]:
     ]
 
 
-def docs_stop(max_budget: int) -> Callable[[Any], bool]:
-    """stop(study): True once the study has spent `max_budget` full trials' documents."""
-
-    def stop(study: Any) -> bool:
-        trials = study_trials(study)
-        full = max((t["docs"] for t in trials if t["state"] == "COMPLETE"), default=0)
-        return bool(full) and cumulative_docs(trials)[-1] >= max_budget * full
-
-    return stop
-
-
 def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
     from evomerge.loop import LiveWorkbench, run_search, score_heldout
     from evomerge.search.objective import Objectives
     from evomerge.search.space import SearchSpace
+    from evomerge.search.study import docs_budget
 
     sampler, prune = CONFIGS[config]
     space = SearchSpace.from_yaml(space_path).use_sampler(sampler)
@@ -234,7 +224,7 @@ def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
             workbench=wb,
             quiet=True,
             rescore=False,
-            stop=docs_stop(max_budget) if prune else None,
+            stop=docs_budget(max_budget) if prune else None,
         )
         trials = study_trials(out.study)
         obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)

@@ -88,14 +88,15 @@ def test_first_proposals_do_not_depend_on_budget(tmp_path: Path, sampler: str) -
     assert len(params[1]) == 13 and params[1][:11] == params[0]
 
 
-def test_docs_stop_ends_a_pruned_run_at_equal_cost(tmp_path: Path) -> None:
+def test_docs_budget_ends_a_pruned_run_at_equal_cost(tmp_path: Path) -> None:
     from evomerge.loop import run_search
+    from evomerge.search.study import docs_budget
 
     ensure_methods()
     space = tmp_path / "space.yaml"
     space.write_text(fake_space("{seed: 0, pruner: median}"))
     out = run_search(space, n_trials=40, sampler="tpe", results=tmp_path, quiet=True,
-                     workbench=FakeWorkbench(chunks=(10, None)), stop=bs.docs_stop(12))  # fmt: skip
+                     workbench=FakeWorkbench(chunks=(10, None)), stop=docs_budget(12))  # fmt: skip
     trials = bs.study_trials(out.study)
     cum = bs.cumulative_docs(trials)
     full = 3 * 40  # three tasks of 40 documents; a pruned trial scored 3 x 10

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,6 +328,23 @@ def budget_state(study: Any) -> tuple[int, int]:
     trials = study.get_trials(deepcopy=False)
     done = sum(counts_toward_budget(t) for t in trials)
     return done, sum(t.state == TrialState.RUNNING for t in trials)
+
+
+def docs_budget(full_trials: float) -> Callable[[Any], bool]:
+    """stop(study) for run_search: True once the counted trials have scored as many documents
+    as `full_trials` fully evaluated trials (a budget that pruned and unpruned searches can
+    share: pruned trials cost only the documents they scored)."""
+
+    def stop(study: Any) -> bool:
+        docs = [
+            (int(t.user_attrs.get("docs_scored", 0)), trial_state(t) == "COMPLETE")
+            for t in study.get_trials(deepcopy=False)
+            if counts_toward_budget(t)
+        ]
+        full = max((d for d, complete in docs if complete), default=0)
+        return bool(full) and sum(d for d, _ in docs) >= full_trials * full
+
+    return stop
 
 
 def over_budget(study: Any, number: int, n_trials: int | None) -> bool:
