@@ -63,6 +63,9 @@ class Workbench(Protocol):
         ...
 
 
+CSV_EVERY_S = 30.0  # trials.csv is refreshed this often during a search, and at its end
+
+
 class OverBudget(EvomergeError):
     """A worker asked for a trial when the budget was already taken by earlier trials."""
 
@@ -330,7 +333,7 @@ def run_search(
         unit="trial",
         file=sys.stderr,
     )
-    start = time.time()
+    start = csv_at = time.time()
     try:
         while timeout is None or time.time() - start < timeout:
             done, running = budget_state(st)
@@ -347,7 +350,9 @@ def run_search(
             st.optimize(
                 objective, n_trials=1, catch=(CandidateError, OverBudget), gc_after_trial=False
             )
-            write_csv(st, study_dir)
+            if time.time() - csv_at > CSV_EVERY_S:  # rewriting it costs O(trials): not per trial
+                write_csv(st, study_dir)
+                csv_at = time.time()
             line = _trial_line(st, mine, time.time() - t0)
             if line and " over_budget " not in line:
                 bar.update(1)

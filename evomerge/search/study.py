@@ -260,13 +260,16 @@ def _rdb(url: str, kwargs: dict | None, heartbeat: int, grace: int | None) -> An
     last: Exception | None = None
     for _ in range(5):  # workers starting together race to create the schema (PostgreSQL types)
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=kwargs,
                 heartbeat_interval=heartbeat,
                 grace_period=grace or 4 * heartbeat,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
+            if url.startswith("sqlite"):
+                _fast_sqlite(storage.engine)
+            return storage
         except ImportError as exc:  # the URL's database driver is not installed
             raise ConfigError(
                 f"--storage '{url}': no database driver for it ({exc}); for PostgreSQL "
@@ -277,6 +280,24 @@ def _rdb(url: str, kwargs: dict | None, heartbeat: int, grace: int | None) -> An
             time.sleep(0.5 + random.random())
     first = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
     raise ConfigError(f"--storage '{url}': cannot open the database: {first}")
+
+
+def _fast_sqlite(engine: Any) -> None:
+    """WAL journal + synchronous=NORMAL on every connection: a trial makes a dozen small
+    writes (params, user attrs, reports), and SQLite's default (a rollback journal synced on
+    every commit) made that bookkeeping cost more than scoring a pruned candidate (measured
+    ~6x less per trial). Committed trials still survive a killed process; WAL also lets
+    `evomerge status` read while workers write. Connections opened before this are dropped."""
+    from sqlalchemy import event
+
+    def pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()
 
 
 def open_study(
