@@ -32,18 +32,15 @@ from evomerge.search.results import (
     write_csv,
     write_meta,
 )
+from evomerge.search.samplers import CONSTRAINED_SAMPLERS, make_pruner, make_sampler, options_for
 from evomerge.search.space import SearchSpace
 from evomerge.search.study import (
-    CONSTRAINED_SAMPLERS,
     FAIL_KIND,
     STOPPED_AT,
     budget_state,
     enqueue,
-    make_pruner,
-    make_sampler,
     open_storage,
     open_study,
-    options_for,
     over_budget,
     storage_url,
     trial_state,

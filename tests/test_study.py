@@ -9,12 +9,11 @@ import pytest
 from _search_fakes import ensure_methods
 
 from evomerge.errors import ConfigError
+from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.space import SearchSpace
 from evomerge.search.study import (
     FAIL_KIND,
     budget_state,
-    make_pruner,
-    make_sampler,
     open_storage,
     open_study,
     over_budget,
@@ -183,3 +182,21 @@ def test_options_table_is_checked_when_the_space_loads():
         SearchSpace.from_text(text, "s.yaml")
     with pytest.raises(ConfigError, match=re.escape("expected {pruner name: {keyword: value}}")):
         SearchSpace.from_text(SPACE + "search: {pruner_options: {median: 3}}\n", "s.yaml")
+
+
+def test_a_proposal_equal_to_a_finished_trial_is_replaced():
+    """NoRepeats: the inner sampler proposes x = 0.5 every time; from the second trial on it
+    is replaced by the inner sampler's independent draw."""
+    from evomerge.search.samplers import _no_repeats_cls
+
+    class Stuck(optuna.samplers.RandomSampler):
+        def infer_relative_search_space(self, study, trial):
+            return {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+        def sample_relative(self, study, trial, search_space):
+            return {"x": 0.5}
+
+    study = optuna.create_study(sampler=_no_repeats_cls()(Stuck(seed=0)))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)
+    xs = [t.params["x"] for t in study.trials]
+    assert xs[0] == 0.5 and all(x != 0.5 for x in xs[1:]) and len(set(xs)) == 4
