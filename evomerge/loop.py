@@ -32,7 +32,13 @@ from evomerge.search.results import (
     write_csv,
     write_meta,
 )
-from evomerge.search.samplers import CONSTRAINED_SAMPLERS, make_pruner, make_sampler, options_for
+from evomerge.search.samplers import (
+    CONSTRAINED_SAMPLERS,
+    DEFAULT_PRUNER,
+    make_pruner,
+    make_sampler,
+    options_for,
+)
 from evomerge.search.space import SearchSpace
 from evomerge.search.study import (
     FAIL_KIND,
@@ -113,6 +119,11 @@ class LiveWorkbench:
             int(ecfg.get("seed", 0)),
             float(ecfg.get("heldout_fraction", 0.5)),
         )
+
+    def first_chunk_docs(self) -> int:
+        """Documents (all tasks) in the first evaluation chunk of the search split."""
+        size = self.evaluator.chunks[0]
+        return sum(len(t.doc_ids("search")[:size]) for t in self.tasks)
 
     def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
         if recipe is None and self._merged:
@@ -240,8 +251,10 @@ def run_search(
     constrained = obj.max_drop is not None
     use_cf = constrained and sampler in CONSTRAINED_SAMPLERS
     smp = make_sampler(sampler, space, seed, len(obj.specs), options_for(cfg, "sampler", sampler))
-    pname = cfg.get("pruner", "median")
-    pruner, mode = make_pruner(pname, len(obj.specs), prune, options_for(cfg, "pruner", pname))
+    pname = cfg.get("pruner", DEFAULT_PRUNER)
+    popts = options_for(cfg, "pruner", pname)
+    first = getattr(wb, "first_chunk_docs", None)
+    pruner, mode = make_pruner(pname, len(obj.specs), prune, popts, first() if first else None)
     created = not study_dir.exists()
     try:
         study_dir.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,9 @@ def test_sampler_and_pruner_options_reach_optuna():
     assert runs[0][:2] == runs[1][:2] and runs[0][2] != runs[1][2]
     pruner, mode = make_pruner("median", 1, options={"n_startup_trials": 7})
     assert mode == "docs" and pruner._n_startup_trials == 7
+    # the default pruner: successive halving whose first rung is the first evaluation chunk
+    pruner, mode = make_pruner("halving", 1, first_docs=128)
+    assert mode == "docs" and (pruner._min_resource, pruner._reduction_factor) == (128, 3)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.merge.registry import Method, Param, get_method
+from evomerge.search.samplers import DEFAULT_PRUNER
 
 TOP_KEYS = (
     "name",
@@ -394,7 +395,7 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
     sampler = spec.search.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ConfigError(f"{src}: search.sampler: {did_you_mean(sampler, SAMPLERS, 'sampler')}")
-    pruner = spec.search.get("pruner", "median")
+    pruner = spec.search.get("pruner", DEFAULT_PRUNER)
     if pruner not in PRUNERS:
         raise ConfigError(f"{src}: search.pruner: {did_you_mean(pruner, PRUNERS, 'pruner')}")
     for kind, names in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
