@@ -72,7 +72,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     from evomerge.loop import LiveWorkbench, run_search
     from evomerge.search.baselines import baseline_trials
     from evomerge.search.space import SearchSpace
-    from evomerge.search.study import counts_toward_budget, docs_budget
+    from evomerge.search.study import DocsBudget, counts_toward_budget
     from evomerge.zoo import build_zoo
 
     t0 = time.time()
@@ -104,7 +104,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     common = dict(seed=seed, results=results)
     main = run_search(
         space_path, study="demo", n_trials=TRIAL_CAP * budget, prune=True, workbench=wb,
-        stop=docs_budget(budget), **common,
+        stop=DocsBudget(budget), **common,
     )  # fmt: skip
     print(f"[3/5] baseline: Dirichlet random search, {budget} full trials", file=sys.stderr)
     rand = run_search(

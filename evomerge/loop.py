@@ -335,13 +335,17 @@ def run_search(
 
     nudged: set[int] = set()
     done, _ = budget_state(st)
+    budget = getattr(stop, "progress", None)  # a documents budget: the bar counts evaluations
     bar = tqdm(
-        total=n_trials,
-        initial=min(done, n_trials or done),
+        total=stop.total if budget else n_trials,
+        initial=round(budget(st), 1) if budget else min(done, n_trials or done),
         disable=quiet,
         desc=name,
-        unit="trial",
+        unit="full eval" if budget else "trial",
         file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} {unit} [{elapsed}<{remaining}]"
+        if budget
+        else None,
     )
     start = csv_at = time.time()
     try:
@@ -365,7 +369,7 @@ def run_search(
                 csv_at = time.time()
             line = _trial_line(st, mine, time.time() - t0)
             if line and " over_budget " not in line:
-                bar.update(1)
+                bar.update(round(budget(st), 1) - bar.n if budget else 1)
                 if not quiet:
                     bar.write(line)
     except KeyboardInterrupt:

@@ -206,7 +206,7 @@ def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
     from evomerge.loop import LiveWorkbench, run_search, score_heldout
     from evomerge.search.objective import Objectives
     from evomerge.search.space import SearchSpace
-    from evomerge.search.study import docs_budget
+    from evomerge.search.study import DocsBudget
 
     sampler, prune = CONFIGS[config]
     space = SearchSpace.from_yaml(space_path).use_sampler(sampler)
@@ -224,7 +224,7 @@ def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
             workbench=wb,
             quiet=True,
             rescore=False,
-            stop=docs_budget(max_budget) if prune else None,
+            stop=DocsBudget(max_budget) if prune else None,
         )
         trials = study_trials(out.study)
         obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)

@@ -90,13 +90,13 @@ def test_first_proposals_do_not_depend_on_budget(tmp_path: Path, sampler: str) -
 
 def test_docs_budget_ends_a_pruned_run_at_equal_cost(tmp_path: Path) -> None:
     from evomerge.loop import run_search
-    from evomerge.search.study import docs_budget
+    from evomerge.search.study import DocsBudget
 
     ensure_methods()
     space = tmp_path / "space.yaml"
     space.write_text(fake_space("{seed: 0, pruner: median}"))
     out = run_search(space, n_trials=40, sampler="tpe", results=tmp_path, quiet=True,
-                     workbench=FakeWorkbench(chunks=(10, None)), stop=docs_budget(12))  # fmt: skip
+                     workbench=FakeWorkbench(chunks=(10, None)), stop=DocsBudget(12))  # fmt: skip
     trials = bs.study_trials(out.study)
     cum = bs.cumulative_docs(trials)
     full = 3 * 40  # three tasks of 40 documents; a pruned trial scored 3 x 10

@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,21 +167,26 @@ def budget_state(study: Any) -> tuple[int, int]:
     return done, sum(t.state == TrialState.RUNNING for t in trials)
 
 
-def docs_budget(full_trials: float) -> Callable[[Any], bool]:
+class DocsBudget:
     """stop(study) for run_search: True once the counted trials have scored as many documents
     as `full_trials` fully evaluated trials (a budget that pruned and unpruned searches can
-    share: pruned trials cost only the documents they scored)."""
+    share: a pruned trial costs only the documents it scored). `progress` feeds the bar."""
 
-    def stop(study: Any) -> bool:
+    def __init__(self, full_trials: float) -> None:
+        self.total = float(full_trials)
+
+    def progress(self, study: Any) -> float:
+        """Documents scored so far, in full evaluations (0 before the first one completes)."""
         docs = [
             (int(t.user_attrs.get("docs_scored", 0)), trial_state(t) == "COMPLETE")
             for t in study.get_trials(deepcopy=False)
             if counts_toward_budget(t)
         ]
         full = max((d for d, complete in docs if complete), default=0)
-        return bool(full) and sum(d for d, _ in docs) >= full_trials * full
+        return sum(d for d, _ in docs) / full if full else 0.0
 
-    return stop
+    def __call__(self, study: Any) -> bool:
+        return self.progress(study) >= self.total
 
 
 def over_budget(study: Any, number: int, n_trials: int | None) -> bool:
