@@ -5,7 +5,8 @@ whole string is encoded and split, BOS handling, left truncation to the model's 
 so scores equal lm-eval's. Speed comes from what a candidate loop can reuse: encodings are
 cached per string, identical model inputs run once, log-probs are computed only at the
 continuation positions, and generation is a plain greedy loop over a KV cache that drops
-finished rows instead of padding them to the end.
+finished rows instead of padding them to the end and that first verifies, in one forward
+pass, the answer the previous candidate gave (a draft: see hf_generate).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_generate import greedy_generate, kv_cache, prefill
+from evomerge.eval.hf_generate import greedy_generate, kv_cache, prefill, trace_text
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -43,6 +44,7 @@ class HFBackend:
         batch_size: int = 64,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        drafts: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,20 +60,28 @@ class HFBackend:
             ).to(device)
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory loading '{model_dir}' on {device}") from exc
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
         self.name = path.as_posix()
 
     @classmethod
     def from_model(
-        cls, model: Any, tokenizer: Any, *, batch_size: int = 64, max_length: int | None = None
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        drafts: bool = True,
     ) -> HFBackend:
         """Wrap an already loaded model (shared, not copied: in-place writes reach it)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
         self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
         return self
 
-    def _setup(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None):
+    def _setup(
+        self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None, drafts: bool
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         self.model = model.eval()
@@ -94,6 +104,9 @@ class HFBackend:
         # transformers >= 5.24 renamed past_key_values to cache (the old name warns)
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
+        # the last answer generated for each (prompt ids, spec): the next candidate's draft
+        self.drafts = drafts
+        self._drafts: dict[tuple[tuple[int, ...], GenerationSpec], list[int]] = {}
         self._live: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ weights
@@ -125,7 +138,7 @@ class HFBackend:
                 )
             dst.copy_(value)
         # nothing else to reset: no logits or KV cache outlive a call; encodings do not
-        # depend on the weights
+        # depend on the weights, and drafts from the old weights change speed, not results
 
     # ------------------------------------------------------------------ tokenization
     def _encode(self, text: str) -> list[int]:
@@ -260,9 +273,13 @@ class HFBackend:
             order = sorted(idx, key=lambda i: (-len(prompts[i]), requests[i][0]))
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                texts = greedy_generate(self, [prompts[i] for i in rows], spec)
-                for i, text in zip(rows, texts, strict=True):
-                    out[i] = text
+                keys = [(tuple(prompts[i]), spec) for i in rows]
+                drafts = [self._drafts.get(key, ()) for key in keys] if self.drafts else None
+                traces = greedy_generate(self, [prompts[i] for i in rows], spec, drafts)
+                for i, key, trace in zip(rows, keys, traces, strict=True):
+                    out[i] = trace_text(self, trace, spec)
+                    if self.drafts:
+                        self._drafts[key] = trace
         return out
 
 
