@@ -132,6 +132,21 @@ def test_drafts_through_the_shared_prefix_prefill(backend):
     assert shapes[0] == (1, len(backend._encode(SHOT)))  # the shared prefix ran alone
 
 
+def test_drafts_cut_to_the_logits_budget(backend, monkeypatch):
+    """A logits budget too small for whole drafts: only their first tokens are checked in
+    the prefill, the rest is decoded; the output does not change."""
+    spec = GenerationSpec(until=(), max_gen_toks=9)
+    prompts = encode(backend, PROMPTS[:4])
+    monkeypatch.setattr(backend, "logits_budget", 4 * 3 * backend.vocab_size)  # 2 fed each
+    calls, run = [], backend._run
+    backend._run = lambda ids, *a: calls.append(a[-1]) or run(ids, *a)
+    try:
+        check_all_drafts(backend, prompts, spec)
+    finally:
+        del backend._run
+    assert max(calls) == 3  # logits kept: the prompt's last position and two draft tokens
+
+
 def test_right_drafts_need_no_decode_step(backend):
     """With the previous answers as drafts and unchanged weights, a batch is one forward
     pass: every row's answer is verified and ended in it."""

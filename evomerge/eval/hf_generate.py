@@ -73,7 +73,7 @@ def prefill(
     own token.
     """
     device, n = backend.device, len(seqs)
-    shared = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
+    shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
     cache = None
     if n > 1 and shared >= _MIN_SHARED:
         head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
@@ -89,7 +89,7 @@ def prefill(
     return out, mask, pos[:, -1].to(device) + shared
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     first, n = seqs[0], min(len(s) for s in seqs)
     for k in range(n):
         if any(s[k] != first[k] for s in seqs):
@@ -144,7 +144,9 @@ def greedy_generate(
     # needed only if the whole draft is accepted and the row has not ended (a previous trace
     # accepted whole always ends where it did), and then the decode loop feeds it anyway.
     drafts = [list(d[: spec.max_gen_toks]) for d in drafts] if drafts else [[]] * n
-    fed = [d[:-1] for d in drafts]
+    # the verification logits (n, longest fed + 1, vocab) stay within the backend's budget
+    most = max(backend.logits_budget // (n * backend.vocab_size) - 1, 0)
+    fed = [d[:-1][:most] for d in drafts]
     seqs = [[*p, *f] for p, f in zip(prompts, fed, strict=True)]
     out, mask, last_pos = prefill(backend, seqs, max(len(f) for f in fed) + 1)
     preds = _row_predictions(out.logits, [len(f) for f in fed])
@@ -205,14 +207,19 @@ def _keep_rows(cache: Any, keep: torch.Tensor, n: int) -> Any:
     return cache
 
 
-def _row_predictions(logits: torch.Tensor, lens: list[int]) -> list[list[int]]:
-    """Row r's argmax at its last lens[r] + 1 positions (logits: (n, max(lens) + 1, vocab));
-    rows are right-aligned, so a shorter row's first kept positions are not its own."""
+def own_positions(logits: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
+    """(n, width) bool: row r's last lens[r] + 1 kept positions (logits (n, width, vocab)).
+    Rows are right-aligned, so a shorter row's first kept positions are padding."""
     width = logits.shape[1]
-    start = width - 1 - torch.tensor(lens, device=logits.device)  # (n,)
-    own = torch.arange(width, device=logits.device) >= start[:, None]  # (n, width)
-    if not torch.isfinite(logits).all(-1)[own].all():
+    start = width - 1 - torch.tensor(list(lens), device=logits.device)  # (n,)
+    return torch.arange(width, device=logits.device) >= start[:, None]
+
+
+def _row_predictions(logits: torch.Tensor, lens: list[int]) -> list[list[int]]:
+    """Row r's argmax at its last lens[r] + 1 positions (logits: (n, max(lens) + 1, vocab))."""
+    if not torch.isfinite(logits).all(-1)[own_positions(logits, lens)].all():
         raise CandidateError("the model produced NaN/inf logits")
+    width = logits.shape[1]
     best = logits.argmax(-1).tolist()  # (n, width)
     return [row[width - 1 - k :] for row, k in zip(best, lens, strict=True)]
 
