@@ -279,12 +279,13 @@ class HFBackend:
                     f"length ({self.max_length})"
                 )
             prompts = {i: self._encode(requests[i][0])[-max_ctx:] for i in idx}
-            order = sorted(idx, key=lambda i: (-len(prompts[i]), requests[i][0]))
             keys = {i: (tuple(prompts[i]), spec) for i in idx}
             drafts = {i: self._drafts.get(keys[i], []) for i in idx} if self.drafts else {}
-            # a draft feeds all but its last token (see greedy_generate)
-            widths = [(len(prompts[i]) + max(len(drafts.get(i, ())) - 1, 0), 1) for i in order]
-            for batch in self.split(widths):
+            # what a row feeds first: its prompt and all but the last token of its draft (see
+            # greedy_generate); longest first, so rows of a batch need little padding
+            width = {i: len(prompts[i]) + max(len(drafts.get(i, ())) - 1, 0) for i in idx}
+            order = sorted(idx, key=lambda i: (-width[i], requests[i][0]))
+            for batch in self.split([(width[i], 1) for i in order]):
                 rows = [order[j] for j in batch]
                 row_drafts = [drafts[i] for i in rows] if drafts else None
                 traces = greedy_generate(self, [prompts[i] for i in rows], spec, row_drafts)
