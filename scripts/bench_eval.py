@@ -118,11 +118,22 @@ def perturb(backend, base: dict, k: int, scale: float) -> None:
                 t.add_(noise.to(t.dtype), alpha=scale * float(base[name].float().std()))
 
 
+class Clock:
+    """Wall-clock and process CPU seconds since creation. With other jobs on the machine,
+    CPU seconds (one torch thread) move far less than wall seconds."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def lm_eval_scores(lm, manager, samples: dict[str, list[int]]):
-    """One simple_evaluate call; returns (seconds, {task: {position: score}})."""
+    """One simple_evaluate call; returns ((wall s, CPU s), {task: {position: score}})."""
     from lm_eval import simple_evaluate
 
-    t0 = time.perf_counter()
+    clock = Clock()
     res = simple_evaluate(
         model=lm() if callable(lm) else lm,
         tasks=list(samples),
@@ -131,7 +142,7 @@ def lm_eval_scores(lm, manager, samples: dict[str, list[int]]):
         log_samples=True,
         cache_requests=False,
     )
-    dt = time.perf_counter() - t0
+    dt = clock.read()
     scores = {}
     for name in samples:
         metric = next(k for k in res["results"][name] if "," in k and "stderr" not in k)
@@ -179,15 +190,15 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
     def reload_lm():  # a fresh `lm_eval --model hf --model_args pretrained=<candidate>` run
         return HFLM(pretrained=str(cand), dtype="float32", device="cpu", batch_size=bs)
 
-    times: dict[str, list[float]] = {m: [] for m in [*OURS, "reload", "shared"]}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in [*OURS, "reload", "shared"]}
     identical = True
     for k in range(args.candidates):
         perturb(backend, base, k, args.noise)
         ours = {}
         for mode, evaluator in evaluators.items():
-            t = time.perf_counter()
+            clock = Clock()
             ours[mode] = evaluator.evaluate("all", limit=args.limit)
-            times[mode].append(time.perf_counter() - t)
+            times[mode].append(clock.read())
         backend.model.save_pretrained(cand)  # untimed: the merge engine's job, not lm-eval's
         backend.tokenizer.save_pretrained(cand)
         for mode, (lm, manager) in (("reload", (reload_lm, lambda: local_task_manager(specs))),
@@ -202,11 +213,15 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
                 print(f"  candidate {k} {task.name}: ours {statistics.fmean(mine[0].values()):.4f} "
                       f"lm-eval ({mode}) {statistics.fmean(theirs[task.name].values()):.4f} "
                       f"n={len(mine[0])} identical={same}")  # fmt: skip
-        print(f"  candidate {k}: " + ", ".join(f"{m} {v[-1]:.2f} s" for m, v in times.items()))
+        print(
+            f"  candidate {k}: "
+            + ", ".join(f"{m} {v[-1][0]:.2f} s ({v[-1][1]:.2f} CPU)" for m, v in times.items())
+        )
     steady = slice(1, None) if args.candidates > 1 else slice(None)
-    mean = {m: statistics.fmean(v[steady]) for m, v in times.items()}
-    return {"model": model_dir.name, "setup": ours_setup, **mean,
-            "first_shared": times["shared"][0], "identical": identical}  # fmt: skip
+    wall = {m: statistics.fmean(w for w, _ in v[steady]) for m, v in times.items()}
+    cpu = {m: statistics.fmean(c for _, c in v[steady]) for m, v in times.items()}
+    return {"model": model_dir.name, "setup": ours_setup, "wall": wall, "cpu": cpu,
+            "identical": identical}  # fmt: skip
 
 
 def smollm2_dir() -> Path:
@@ -223,12 +238,17 @@ def smollm2_dir() -> Path:
 def print_table(rows: list[dict], args) -> None:
     """Seconds per candidate, and lm-eval's time over each of our configurations."""
     modes = [*OURS, "reload", "shared"]
-    print(f"\n{'model':14}" + "".join(f"{m:>11}" for m in modes) + "  identical")
+    print(f"\n{'model':14} {'':4}" + "".join(f"{m:>11}" for m in modes) + "  identical")
     for r in rows:
-        print(f"{r['model']:14}" + "".join(f"{r[m]:10.2f}s" for m in modes) + f"  {r['identical']}")
+        for clock in ("wall", "cpu"):
+            t = r[clock]
+            print(f"{r['model']:14} {clock:4}" + "".join(f"{t[m]:10.2f}s" for m in modes)
+                  + f"  {r['identical']}")  # fmt: skip
         for mode in OURS:
-            print(f"  lm-eval reload / {mode}: {r['reload'] / r[mode]:.2f}x, shared / {mode}: "
-                  f"{r['shared'] / r[mode]:.2f}x")  # fmt: skip
+            print(f"  {mode:9}: lm-eval reload {r['wall']['reload'] / r['wall'][mode]:.2f}x "
+                  f"({r['cpu']['reload'] / r['cpu'][mode]:.2f}x CPU), shared "
+                  f"{r['wall']['shared'] / r['wall'][mode]:.2f}x "
+                  f"({r['cpu']['shared'] / r['cpu'][mode]:.2f}x CPU)")  # fmt: skip
     print(f"(steady state: mean over the candidates after the first; ours and no drafts at "
           f"batch size {args.batch_size} like lm-eval, ours auto at batch_size='auto'; reload = "
           f"re-running lm-eval per candidate, shared = one lm-eval model object)")  # fmt: skip
