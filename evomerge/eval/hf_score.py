@@ -14,7 +14,8 @@ exactly the tokens it sees in lm-eval's one-sequence-per-request run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,30 +61,64 @@ def plan(requests: Sequence[Request]) -> _Plan:
 
 def score_contexts(
     backend: HFBackend, contexts: Sequence[Sequence[int]], plans: Sequence[_Plan]
-) -> Iterator[tuple[int, Score]]:
-    """Yield (request index, score) for a batch of distinct contexts and their plans."""
+) -> list[tuple[int, Score]]:
+    """(request index, score) for a batch of distinct contexts and their plans."""
     stems = [p.stem for p in plans]
     seqs = [[*c, *s] for c, s in zip(contexts, stems, strict=True)]
     res, mask, last_pos = prefill(backend, seqs, 1 + max(len(s) for s in stems))
-    heads = _log_softmax_own(res.logits, [len(s) for s in stems])  # (1 + len(stem), vocab)
-    rows = [(r, t) for r, p in enumerate(plans) for t in range(len(p.tails))]
-    tails: dict[tuple[int, int], torch.Tensor] = {}  # (context row, tail) -> (len, vocab)
-    for chunk in backend.split([(len(plans[r].tails[t]),) * 2 for r, t in rows]):
+    uses = [(r, i, cont, k) for r, p in enumerate(plans) for i, cont, k in p.uses]
+    scores = _Scores([cont for _, _, cont, _ in uses])
+    # the context's last position and the stem predict a continuation's first tokens
+    keep, picks = res.logits.shape[1], []
+    for q, (r, _, cont, _) in enumerate(uses):
+        first = keep - 1 - len(stems[r])  # rows are right-aligned
+        picks += [(q, j, r, first + j, cont[j]) for j in range(min(len(cont), keep - first))]
+    scores.take(_log_softmax_own(res.logits, [len(s) for s in stems]), picks)
+    # then each tail's positions predict the rest of the continuations that read it
+    readers: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for q, (r, _, _, k) in enumerate(uses):
+        if k is not None:
+            readers[(r, k)].append(q)
+    rows = list(readers)
+    for chunk in backend.split([(len(plans[r].tails[k]),) * 2 for r, k in rows]):
         picked = [rows[j] for j in chunk]
-        logps = _run_tails(
-            backend, res, mask, last_pos, [(r, plans[r].tails[t]) for r, t in picked]
-        )
-        tails.update(zip(picked, logps, strict=True))
-    for r, p in enumerate(plans):
-        for i, cont, k in p.uses:
-            lp = heads[r] if k is None else torch.cat([heads[r], tails[(r, k)]])
-            yield i, _score(lp[: len(cont)], cont)
+        lp = _run_tails(backend, res, mask, last_pos, [(r, plans[r].tails[k]) for r, k in picked])
+        picks = []
+        for m, (r, k) in enumerate(picked):
+            for q in readers[(r, k)]:
+                cont, done = uses[q][2], 1 + len(stems[r])
+                picks += [(q, j, m, j - done, cont[j]) for j in range(done, len(cont))]
+        scores.take(lp, picks)
+    return list(zip([i for _, i, _, _ in uses], scores.result(), strict=True))
+
+
+class _Scores:
+    """Each request's per-token log-probs and argmax checks, gathered from the forward
+    passes' log-probs with one indexing op per pass, summed at the end."""
+
+    def __init__(self, conts: Sequence[Sequence[int]]) -> None:
+        width = max(len(c) for c in conts)
+        self.logp = torch.zeros((len(conts), width))  # (n_requests, longest continuation)
+        self.greedy = torch.ones((len(conts), width), dtype=torch.bool)
+
+    def take(self, lp: torch.Tensor, picks: list[tuple[int, int, int, int, int]]) -> None:
+        """Read (request, token index, row, position, token id) picks from lp (n, width, vocab)."""
+        if not picks:
+            return
+        q, j, row, pos, tok = torch.tensor(picks).T  # (5, n_picks) -> five (n_picks,)
+        at = (row.to(lp.device), pos.to(lp.device))
+        self.logp[q, j] = lp[(*at, tok.to(lp.device))].cpu()
+        self.greedy[q, j] = lp.argmax(-1)[at].cpu() == tok
+
+    def result(self) -> list[Score]:
+        """(sum of the continuation's log-probs, every token is the argmax): lm-eval's pair."""
+        return list(zip(self.logp.sum(-1).tolist(), self.greedy.all(-1).tolist(), strict=True))
 
 
 def _run_tails(
     backend: HFBackend, res: Any, mask: torch.Tensor, last_pos: torch.Tensor, chunk
-) -> list[torch.Tensor]:
-    """Log-probs (len(tail), vocab) of each (context row, tail), run on copies of the
+) -> torch.Tensor:
+    """Log-probs (n, longest tail, vocab) of (context row, tail) pairs, run on a copy of the
     contexts' KV cache (several tails may start from one context)."""
     device = backend.device
     rows = torch.tensor([r for r, _ in chunk], device=device)
@@ -96,19 +131,20 @@ def _run_tails(
     pos = last_pos[rows, None] + 1 + torch.arange(width, device=device)
     cache = _select_cache(kv_cache(res), rows)
     logits = backend._run(ids.to(device), tail_mask, pos, cache, 0).logits  # (n, width, vocab)
-    lp = _log_softmax(logits)
-    return [lp[k, : len(tail)] for k, (_, tail) in enumerate(chunk)]
-
-
-def _log_softmax_own(logits: torch.Tensor, lens: list[int]) -> list[torch.Tensor]:
-    """Row r's log-probs at its last lens[r] + 1 kept positions (rows are right-aligned, so a
-    shorter row's first kept positions are padding, which may hold anything)."""
-    own = own_positions(logits, lens)  # (n, width)
     lp = torch.log_softmax(logits.float(), dim=-1)
-    if not torch.isfinite(lp[own]).all():
+    if not torch.isfinite(lp).all():
         raise CandidateError("the model produced NaN/inf logits")
-    width = logits.shape[1]
-    return [lp[r, width - 1 - k :] for r, k in enumerate(lens)]
+    return lp
+
+
+def _log_softmax_own(logits: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """Log-probs (n, width, vocab), checked at row r's last lens[r] + 1 positions (rows are
+    right-aligned, so a shorter row's first kept positions are padding, which may hold
+    anything)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    if not torch.isfinite(lp[own_positions(logits, lens)]).all():
+        raise CandidateError("the model produced NaN/inf logits")
+    return lp
 
 
 def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
@@ -118,17 +154,3 @@ def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
     new.layers = [copy.copy(layer) for layer in cache.layers]
     new.batch_select_indices(rows)  # each layer indexes into new tensors
     return new
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    if not torch.isfinite(lp).all():
-        raise CandidateError("the model produced NaN/inf logits")
-    return lp
-
-
-def _score(logprobs: torch.Tensor, cont_ids: list[int]) -> Score:
-    """(sum of the continuation's log-probs, every token is the argmax): lm-eval's pair."""
-    target = torch.tensor(cont_ids, device=logprobs.device)  # logprobs: (n_cont, vocab)
-    greedy = bool((logprobs.argmax(-1) == target).all())
-    return float(logprobs.gather(1, target[:, None]).sum()), greedy
