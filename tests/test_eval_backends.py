@@ -137,6 +137,29 @@ def test_split_batches():
     assert [list(r) for r in be.split([(3, 4), (3, 1), (3, 5)])] == [[0], [1], [2]]
 
 
+def test_cli_eval_batch_size_auto_gives_the_same_table(model_dir, tmp_path, capsys, monkeypatch):
+    """`evomerge eval --batch-size auto` prints what a fixed batch size prints; a bad value
+    is bad input (exit code 2), and vllm is told to use an integer."""
+    from test_eval_support import gen_records, mc_records, write_task
+
+    from evomerge.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    specs = [str(write_task(tmp_path, "cg", "gen", gen_records(12))),
+             str(write_task(tmp_path, "cm", "mc", mc_records(12)))]  # fmt: skip
+    tables = []
+    for bs in ("auto", "3"):
+        args = ["eval", str(model_dir), "--tasks", ",".join(specs), "--batch-size", bs]
+        assert main([*args, "--split", "all"]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "cm" in tables[0]
+    assert main(["eval", str(model_dir), "--tasks", specs[0], "--batch-size", "0"]) == 2
+    assert "--batch-size must be an integer >= 1 or 'auto'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'auto' is for the hf backend"):
+        load_backend("vllm", model_dir, batch_size="auto")
+
+
 @pytest.mark.parametrize("bad", [0, -1, "big", True, 2.5])
 def test_bad_batch_size(model_dir, bad):
     with pytest.raises(ConfigError, match="batch size must be an integer >= 1 or 'auto'"):
