@@ -117,9 +117,9 @@ class HFBackend:
         # transformers >= 5.24 renamed past_key_values to cache (the old name warns)
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
-        # the last answer generated for each (prompt ids, spec): the next candidate's draft
+        # the last answer generated for each (prompt, spec): the next candidate's draft
         self.drafts = drafts
-        self._drafts: dict[tuple[tuple[int, ...], GenerationSpec], list[int]] = {}
+        self._drafts: dict[tuple[str, GenerationSpec], list[int]] = {}
         self._live: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ weights
@@ -279,7 +279,7 @@ class HFBackend:
                     f"length ({self.max_length})"
                 )
             prompts = {i: self._encode(requests[i][0])[-max_ctx:] for i in idx}
-            keys = {i: (tuple(prompts[i]), spec) for i in idx}
+            keys = {i: (requests[i][0], spec) for i in idx}  # the text fixes the prompt ids
             drafts = {i: self._drafts.get(keys[i], []) for i in idx} if self.drafts else {}
             # what a row feeds first: its prompt and all but the last token of its draft (see
             # greedy_generate); longest first, so rows of a batch need little padding

@@ -173,7 +173,11 @@ def greedy_generate(
 
 
 def _decode(
-    backend: HFBackend, ending: _Ending, traces: list[list[int]], active: list[int], state
+    backend: HFBackend,
+    ending: _Ending,
+    traces: list[list[int]],
+    active: list[int],
+    state: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
     """The greedy KV-cache loop: feed each active row's last token, append the argmax to its
     trace, drop the rows that ended. `state` is (cache, attention mask (n_active, cached),
