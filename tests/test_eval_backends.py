@@ -92,6 +92,80 @@ def test_shared_context_choices_match_naive_reference(model_dir):
         assert greedy == ref_greedy
 
 
+def test_continuations_sharing_a_stem_match_naive_reference(model_dir):
+    """Choices that share leading tokens (a stem run with the context), duplicates, and tails
+    that are prefixes of others (read from the longer tail's row); batch_size "auto" with a
+    small token budget and a small logits budget force several batches of each kind."""
+    be = HFBackend(model_dir, batch_size="auto")
+    be.token_budget, be.logits_budget = 40, 6 * be.vocab_size
+    shapes, run = [], be._run
+    be._run = lambda ids, *a: shapes.append((tuple(ids.shape), a[-1])) or run(ids, *a)
+    groups = {
+        "add 5+8=": [" 13", " 11", " 14", " 23", " 1", " 134", " 13"],
+        "q: which animal?": [" the cat", " the dog", " the cow"],
+        "x": ["only one"],
+        "rev abc=": ["cba", "c", "cb a"],
+    }
+    reqs = [(ctx, c) for ctx, conts in groups.items() for c in conts]
+    for (ctx, cont), (ll, greedy) in zip(reqs, be.loglikelihood(reqs), strict=True):
+        ref_ll, ref_greedy = naive_loglikelihood(be, ctx, cont)
+        assert ll == pytest.approx(ref_ll, abs=1e-4), (ctx, cont)
+        assert greedy == ref_greedy
+    tails = [shape for shape, keep in shapes if keep == 0]  # rows run after the contexts
+    # distinct tails after the stems: "13" (holds "1") and "2" after " "; "ca", "do", "co"
+    # after " the "; none for "x" (its one continuation feeds only the stem); "cb " (holds
+    # "cb"; "c" feeds nothing, so that context has no stem)
+    assert sum(rows for rows, _ in tails) == 2 + 3 + 0 + 1
+    assert all(rows * width <= 6 for rows, width in tails)  # within the logits budget
+
+
+def test_split_batches():
+    """split(): fixed row counts, the "auto" token budget (rows x widest row), the logits
+    budget (rows x kept positions x vocab), and at least one item per batch."""
+    be = HFBackend.__new__(HFBackend)
+    be.batch_size, be.token_budget, be.logits_budget, be.vocab_size = 2, 10, 1000, 10
+    items = [(5, 1), (4, 1), (3, 1), (2, 1), (9, 1)]
+    assert [list(r) for r in be.split(items)] == [[0, 1], [2, 3], [4]]
+    be.batch_size = None  # "auto": 2 x 5 <= 10, 3 x 5 > 10; then 3 x 3 <= 10; 9 alone
+    assert [list(r) for r in be.split(items)] == [[0, 1], [2, 3], [4]]
+    be.token_budget = 12
+    assert [list(r) for r in be.split(items)] == [[0, 1], [2, 3], [4]]
+    be.token_budget = 100
+    assert [list(r) for r in be.split(items)] == [[0, 1, 2, 3, 4]]
+    be.logits_budget = 40  # rows x keep x 10 <= 40: 4 rows of keep 1, or 1 row of keep 4
+    assert [list(r) for r in be.split(items)] == [[0, 1, 2, 3], [4]]
+    assert [list(r) for r in be.split([(3, 4), (3, 1), (3, 5)])] == [[0], [1], [2]]
+
+
+def test_cli_eval_batch_size_auto_gives_the_same_table(model_dir, tmp_path, capsys, monkeypatch):
+    """`evomerge eval --batch-size auto` prints what a fixed batch size prints; a bad value
+    is bad input (exit code 2), and vllm is told to use an integer."""
+    from test_eval_support import gen_records, mc_records, write_task
+
+    from evomerge.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    specs = [str(write_task(tmp_path, "cg", "gen", gen_records(12))),
+             str(write_task(tmp_path, "cm", "mc", mc_records(12)))]  # fmt: skip
+    tables = []
+    for bs in ("auto", "3"):
+        args = ["eval", str(model_dir), "--tasks", ",".join(specs), "--batch-size", bs]
+        assert main([*args, "--split", "all"]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "cm" in tables[0]
+    assert main(["eval", str(model_dir), "--tasks", specs[0], "--batch-size", "0"]) == 2
+    assert "--batch-size must be an integer >= 1 or 'auto'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'auto' is for the hf backend"):
+        load_backend("vllm", model_dir, batch_size="auto")
+
+
+@pytest.mark.parametrize("bad", [0, -1, "big", True, 2.5])
+def test_bad_batch_size(model_dir, bad):
+    with pytest.raises(ConfigError, match="batch size must be an integer >= 1 or 'auto'"):
+        HFBackend(model_dir, batch_size=bad)
+
+
 SHOT = "Q: add 3+4=7\nQ: rev ab=ba\nQ: "  # a prefix every prompt shares (few-shot style)
 
 

@@ -65,7 +65,7 @@ def load_backend(
     *,
     device: str | None = None,
     dtype: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     **kw: Any,
 ) -> Backend:
     """Load `model_dir` once into a backend of the given kind ("hf" or "vllm")."""
@@ -74,6 +74,8 @@ def load_backend(
 
         return HFBackend(model_dir, device=device, dtype=dtype, batch_size=batch_size, **kw)
     if kind == "vllm":
+        if batch_size == "auto":
+            raise ConfigError("batch size 'auto' is for the hf backend; give vllm an integer")
         try:
             from evomerge.eval.vllm_backend import VllmBackend
         except ModuleNotFoundError as exc:

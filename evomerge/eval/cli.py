@@ -26,7 +26,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tasks = load_tasks(specs)
     backend = load_backend(
-        args.backend, args.model_dir, device=args.device, batch_size=args.batch_size
+        args.backend, args.model_dir, device=args.device, batch_size=_batch_size(args.batch_size)
     )
     t1 = time.perf_counter()
     result = Evaluator(backend, tasks, chunks=(None,)).evaluate(args.split, limit=args.limit)
@@ -36,6 +36,12 @@ def cli_eval(args: argparse.Namespace) -> int:
     print(f"{n} documents ({args.split}) in {t2 - t1:.2f} s; loading took {t1 - t0:.2f} s",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text if text == "auto" else int(text)
+    raise ConfigError(f"--batch-size must be an integer >= 1 or 'auto', got {text!r}")
 
 
 def format_table(result: EvalResult) -> str:

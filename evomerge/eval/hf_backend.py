@@ -5,7 +5,8 @@ whole string is encoded and split, BOS handling, left truncation to the model's 
 so scores equal lm-eval's. Speed comes from what a candidate loop can reuse: encodings are
 cached per string, identical model inputs run once, log-probs are computed only at the
 continuation positions, and generation is a plain greedy loop over a KV cache that drops
-finished rows instead of padding them to the end.
+finished rows instead of padding them to the end and that first verifies, in one forward
+pass, the answer the previous candidate gave (a draft: see hf_generate).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_generate import greedy_generate, kv_cache, prefill
+from evomerge.eval.hf_generate import greedy_generate, trace_text
+from evomerge.eval.hf_score import plan, score_contexts
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -28,6 +30,11 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
+# batch_size "auto": rows x widest row per forward pass. Enough rows that per-call overhead
+# (tens of Python-level ops per layer) is amortized; activations stay small
+TOKEN_BUDGET = 4096
+# logit elements one forward pass may return (512 MiB in float32), whatever the batch size
+LOGITS_BUDGET = 2**27
 _TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656
 
 
@@ -40,9 +47,10 @@ class HFBackend:
         *,
         device: str | None = None,
         dtype: str | None = None,
-        batch_size: int = 64,
+        batch_size: int | str = 64,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        drafts: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,25 +66,40 @@ class HFBackend:
             ).to(device)
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory loading '{model_dir}' on {device}") from exc
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
         self.name = path.as_posix()
 
     @classmethod
     def from_model(
-        cls, model: Any, tokenizer: Any, *, batch_size: int = 64, max_length: int | None = None
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int | str = 64,
+        max_length: int | None = None,
+        drafts: bool = True,
     ) -> HFBackend:
         """Wrap an already loaded model (shared, not copied: in-place writes reach it)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
         self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
         return self
 
-    def _setup(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None):
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    def _setup(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int | str,
+        max_length: int | None,
+        drafts: bool,
+    ) -> None:
+        self.batch_size = _batch_size(batch_size)  # None: "auto"
+        self.token_budget, self.logits_budget = TOKEN_BUDGET, LOGITS_BUDGET
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else len(tokenizer)
         self.device = next(model.parameters()).device
         self.max_length = max_length or _model_max_length(model.config, tokenizer)
         # lm-eval conditions an empty context on BOS, else EOS
@@ -94,6 +117,9 @@ class HFBackend:
         # transformers >= 5.24 renamed past_key_values to cache (the old name warns)
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
+        # the last answer generated for each (prompt, spec): the next candidate's draft
+        self.drafts = drafts
+        self._drafts: dict[tuple[str, GenerationSpec], list[int]] = {}
         self._live: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ weights
@@ -125,7 +151,7 @@ class HFBackend:
                 )
             dst.copy_(value)
         # nothing else to reset: no logits or KV cache outlive a call; encodings do not
-        # depend on the weights
+        # depend on the weights, and drafts from the old weights change speed, not results
 
     # ------------------------------------------------------------------ tokenization
     def _encode(self, text: str) -> list[int]:
@@ -166,11 +192,35 @@ class HFBackend:
     def tokenizer_name(self) -> str:
         return self.name.replace("/", "__")
 
+    # ------------------------------------------------------------------ batching
+    def split(self, items: Sequence[tuple[int, int]]) -> Iterator[range]:
+        """Consecutive forward-pass batches over items given as (input width, logit positions
+        kept): at most batch_size rows, or with batch_size "auto" as many rows as keep rows x
+        widest row within the token budget; and rows x positions x vocab within the logits
+        budget. A batch holds at least one item."""
+        start = 0
+        while start < len(items):
+            end, width, keep = start + 1, *items[start]
+            while end < len(items):
+                w, k = max(width, items[end][0]), max(keep, items[end][1])
+                if not self._fits(end - start + 1, w, k):
+                    break
+                end, width, keep = end + 1, w, k
+            yield range(start, end)
+            start = end
+
+    def _fits(self, rows: int, width: int, keep: int) -> bool:
+        if self.batch_size is None:
+            within = rows * width <= self.token_budget
+        else:
+            within = rows <= self.batch_size
+        return within and rows * keep * self.vocab_size <= self.logits_budget
+
     # ------------------------------------------------------------------ log-likelihood
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         # Requests that share a context (the choices of a multiple-choice question) run the
-        # context once; each continuation then runs on a copy of its KV cache. lm-eval runs
+        # context once, with what their continuations share (see hf_score). lm-eval runs
         # context + continuation once per choice, and the context is most of the tokens.
         by_ctx: dict[tuple[int, ...], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(requests):
@@ -187,44 +237,16 @@ class HFBackend:
                 )
             by_ctx[tuple(kept_ctx)].append((i, cont_ids))
         contexts = sorted(by_ctx, key=lambda t: (-len(t), t))  # long first, like lm-eval
+        plans = [plan(by_ctx[c]) for c in contexts]
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for start in range(0, len(contexts), self.batch_size):
-            batch = contexts[start : start + self.batch_size]
-            for i, score in self._score_contexts(batch, [by_ctx[c] for c in batch]):
+        sizes = [
+            (len(c) + len(p.stem), 1 + len(p.stem)) for c, p in zip(contexts, plans, strict=True)
+        ]
+        for batch in self.split(sizes):
+            picked = [contexts[j] for j in batch]
+            for i, score in score_contexts(self, picked, [plans[j] for j in batch]):
                 out[i] = score
         return out
-
-    def _score_contexts(
-        self, contexts: list[tuple[int, ...]], conts: list[list[tuple[int, list[int]]]]
-    ) -> Iterator[tuple[int, tuple[float, bool]]]:
-        """Yield (request index, (log-likelihood, is greedy)) for a batch of shared contexts."""
-        res, mask, last_pos = prefill(self, contexts)  # mask (n_ctx, cached), last_pos (n_ctx,)
-        first = _log_softmax(res.logits[:, -1, :])  # (n_ctx, vocab): the first cont token
-        rest: list[tuple[int, int, list[int]]] = []  # (context row, request, cont ids)
-        for r, group in enumerate(conts):
-            for i, cont_ids in group:
-                if len(cont_ids) == 1:
-                    yield i, _score(first[r][None], cont_ids)
-                else:
-                    rest.append((r, i, cont_ids))
-        # continuations longer than one token: batch_size rows at a time on expanded caches
-        for start in range(0, len(rest), self.batch_size):
-            chunk = rest[start : start + self.batch_size]
-            rows = torch.tensor([r for r, _, _ in chunk], device=self.device)
-            width = max(len(c) for _, _, c in chunk) - 1
-            tail = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            for k, (_, _, c) in enumerate(chunk):
-                tail[k, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-            # right-padded tail: a padded position comes after every scored one (causal)
-            tail_mask = mask.new_ones((len(chunk), width))
-            tail_pos = last_pos[rows, None] + 1 + torch.arange(width, device=self.device)
-            cache = _select_cache(kv_cache(res), rows)
-            logits = self._run(
-                tail.to(self.device), torch.cat([mask[rows], tail_mask], 1), tail_pos, cache, 0
-            ).logits  # (n_rows, width, vocab)
-            for k, (r, i, c) in enumerate(chunk):
-                lp = torch.cat([first[r][None], _log_softmax(logits[k, : len(c) - 1])])
-                yield i, _score(lp, c)
 
     def _run(self, ids, mask, pos, cache, logits_to_keep: int) -> Any:
         """One forward pass with a KV cache (logits_to_keep: 0 = all positions)."""
@@ -257,38 +279,29 @@ class HFBackend:
                     f"length ({self.max_length})"
                 )
             prompts = {i: self._encode(requests[i][0])[-max_ctx:] for i in idx}
-            order = sorted(idx, key=lambda i: (-len(prompts[i]), requests[i][0]))
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                texts = greedy_generate(self, [prompts[i] for i in rows], spec)
-                for i, text in zip(rows, texts, strict=True):
-                    out[i] = text
+            keys = {i: (requests[i][0], spec) for i in idx}  # the text fixes the prompt ids
+            drafts = {i: self._drafts.get(keys[i], []) for i in idx} if self.drafts else {}
+            # what a row feeds first: its prompt and all but the last token of its draft (see
+            # greedy_generate); longest first, so rows of a batch need little padding
+            width = {i: len(prompts[i]) + max(len(drafts.get(i, ())) - 1, 0) for i in idx}
+            order = sorted(idx, key=lambda i: (-width[i], requests[i][0]))
+            for batch in self.split([(width[i], 1) for i in order]):
+                rows = [order[j] for j in batch]
+                row_drafts = [drafts[i] for i in rows] if drafts else None
+                traces = greedy_generate(self, [prompts[i] for i in rows], spec, row_drafts)
+                for i, trace in zip(rows, traces, strict=True):
+                    out[i] = trace_text(self, trace, spec)
+                    if self.drafts:
+                        self._drafts[keys[i]] = trace
         return out
 
 
-def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
-    """A copy of a KV cache holding the given batch rows (repeats allowed); the original
-    is left as it is, so several continuation chunks can start from it."""
-    import copy
-
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    new.batch_select_indices(rows)  # each layer indexes into new tensors
-    return new
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    if not torch.isfinite(lp).all():
-        raise CandidateError("the model produced NaN/inf logits")
-    return lp
-
-
-def _score(logprobs: torch.Tensor, cont_ids: list[int]) -> tuple[float, bool]:
-    """(sum of the continuation's log-probs, every token is the argmax): lm-eval's pair."""
-    target = torch.tensor(cont_ids, device=logprobs.device)  # logprobs: (n_cont, vocab)
-    greedy = bool((logprobs.argmax(-1) == target).all())
-    return float(logprobs.gather(1, target[:, None]).sum()), greedy
+def _batch_size(value: int | str) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"batch size must be an integer >= 1 or 'auto', got {value!r}")
+    return value
 
 
 def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
