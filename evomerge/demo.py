@@ -80,18 +80,10 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     build_zoo(zoo, mlp=False)  # the MLP experts serve `evomerge moe` only
     space_path = _space_file(zoo)
     space = SearchSpace.from_yaml(space_path)
-    ecfg = space.spec.eval
     budget = n_trials or DEMO_TRIALS
 
     def workbench() -> LiveWorkbench:  # one per study: each scores the base before merging
-        return LiveWorkbench(
-            space,
-            "hf",
-            "cpu",
-            ecfg.get("chunks", (16, 64, None)),
-            int(ecfg.get("seed", 0)),
-            float(ecfg.get("heldout_fraction", 0.5)),
-        )
+        return LiveWorkbench.from_space(space, backend="hf", device="cpu")
 
     wb = workbench()
     sampler = space.spec.search.get("sampler", "tpe")

@@ -84,6 +84,7 @@ class LiveWorkbench:
         chunks: Any,
         seed: int,
         heldout_fraction: float,
+        batch_size: int | str = 64,
     ) -> None:
         from evomerge.eval.backends import load_backend
         from evomerge.eval.evaluator import Evaluator
@@ -95,7 +96,9 @@ class LiveWorkbench:
         self.tasks = load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
         self.task_names = [t.name for t in self.tasks]
         self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
-        self.backend = load_backend(backend, spec.base_model or spec.models[0], device=device)
+        self.backend = load_backend(
+            backend, spec.base_model or spec.models[0], device=device, batch_size=batch_size
+        )
         method = spec.methods[0]
         stage = space.decode(space.encode(method, lambda s, c: default_value(s))).final
         refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
@@ -118,6 +121,7 @@ class LiveWorkbench:
             ecfg.get("chunks", (16, 64, None)),
             int(ecfg.get("seed", 0)),
             float(ecfg.get("heldout_fraction", 0.5)),
+            ecfg.get("batch_size", 64),
         )
 
     def first_chunk_docs(self) -> int:

@@ -208,6 +208,16 @@ BAD = {
         "'normalize' must be true or false, but got 3",
     ),
     "not yaml": ("models: [a\n", "not valid YAML"),
+    "batch size": (
+        LINEAR + "eval: {batch_size: big}\n",
+        "eval.batch_size: expected an integer >= 1 or 'auto', but got 'big'",
+    ),
+    "density on task_arithmetic": (
+        LINEAR.replace("method: linear", "method: task_arithmetic\nbase_model: m/base").replace(
+            "{simplex: true}", "{low: 0, high: 1}\n  density: {low: 0.2, high: 0.9}"
+        ),
+        "unknown parameter 'density'",
+    ),
 }
 
 

@@ -47,7 +47,15 @@ PARAM_KEYS = (
     "shared",
     "value",
 )
-EVAL_KEYS = ("chunks", "heldout_fraction", "backend", "device", "seed", "heldout_top_k")
+EVAL_KEYS = (
+    "chunks",
+    "heldout_fraction",
+    "backend",
+    "device",
+    "seed",
+    "heldout_top_k",
+    "batch_size",
+)
 SEARCH_KEYS = (
     "sampler",
     "n_trials",
@@ -392,6 +400,11 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
     src = spec.source
     _check_keys(spec.eval, EVAL_KEYS, f"{src}: eval", "eval key")
     _check_keys(spec.search, SEARCH_KEYS, f"{src}: search", "search key")
+    batch = spec.eval.get("batch_size", 64)
+    if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ConfigError(
+            f"{src}: eval.batch_size: expected an integer >= 1 or 'auto', but got {batch!r}"
+        )
     sampler = spec.search.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ConfigError(f"{src}: search.sampler: {did_you_mean(sampler, SAMPLERS, 'sampler')}")
