@@ -64,7 +64,7 @@ CONFIGS = {  # name -> (sampler, prune)
 }
 REFERENCE = "dirichlet"
 PRUNE_PAIRS = (("tpe+prune", "tpe"), ("gp+prune", "gp"))
-TRIAL_CAP = 4  # a pruned run stops after TRIAL_CAP x the largest budget trials at the latest
+TRIAL_CAP = 6  # a pruned run stops after TRIAL_CAP x the largest budget trials at the latest
 
 Trial = dict[str, Any]  # {"n", "state", "value", "docs", "t", "baseline"}
 Run = dict[str, Any]  # {"config", "seed", "trials", "heldout", "full_docs", ...}
