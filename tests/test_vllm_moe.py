@@ -7,7 +7,7 @@ One MoE per output architecture, built by the `evomerge moe` command from tiny r
 models: Qwen2 experts give Qwen2MoeForCausalLM, Llama experts MixtralForCausalLM. Three experts,
 top-2, gate_mode hidden (unit rows, so router logits are close and top-2 really mixes), and the
 test checks that the routers do send tokens to different experts. Tolerance as in
-test_vllm_backend.py: |Δ log-prob| < 1e-3 per request (measured ~1e-6), identical greedy flags
+test_vllm_backend.py: |Δ log-prob| < 1e-3 per request (measured <= 1.4e-6), identical greedy flags
 and greedy strings.
 """
 
