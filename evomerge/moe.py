@@ -6,8 +6,11 @@ and Mistral experts a MixtralForCausalLM. Tensors are written under the names of
 Face checkpoints of those models (per-expert MLPs, which transformers fuses on load and vLLM
 reads directly), through CheckpointWriter: sharded, and moved into place only when complete.
 
-Qwen2-MoE always has a shared expert. With no `shared_experts` in the config we give it
-intermediate size 0: it adds exactly nothing, so the MoE is the experts and nothing else.
+Qwen2-MoE always has a shared expert. With no `shared_experts` in the config we give it width 1
+and all-zero weights: it adds exactly nothing, so the MoE is the experts and nothing else. Width 0
+would say the same more directly, but vLLM then builds no shared expert and refuses the
+zero-size tensors ("There is no module or parameter named 'model.layers.0.mlp.shared_expert'"),
+while transformers always builds one and, with the tensors left out, reports them missing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ DENSE_TYPES = ("llama", "mistral", "qwen2")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+NULL_SHARED_WIDTH = 1  # Qwen2-MoE shared expert when none is configured: all zeros (see above)
 
 
 def _check_compatible(base: CheckpointReader, others: dict[str, CheckpointReader]) -> str:
@@ -95,7 +99,7 @@ def out_config(
             model_type="qwen2_moe",
             num_experts=len(cfg.experts),
             moe_intermediate_size=inter,
-            shared_expert_intermediate_size=inter if cfg.shared_experts else 0,
+            shared_expert_intermediate_size=inter if cfg.shared_experts else NULL_SHARED_WIDTH,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             norm_topk_prob=True,
@@ -155,9 +159,10 @@ def _mlp_tensors(
                 name = f"model.layers.{i}.mlp.shared_expert.{proj}.weight"
                 if shared is not None:
                     specs[name] = (shared.shape(src), lambda s=src: shared.get_tensor(s))
-                else:  # intermediate size 0: the shared expert adds nothing
+                else:  # all zeros: silu(0) * 0 = 0 goes through a zero down_proj
                     rows, cols = readers[0].shape(src)
-                    shape = (0, cols) if proj != "down_proj" else (rows, 0)
+                    w = NULL_SHARED_WIDTH
+                    shape = (w, cols) if proj != "down_proj" else (rows, w)
                     specs[name] = (shape, lambda shape=shape: _zeros(shape))
     return specs
 

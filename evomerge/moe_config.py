@@ -4,11 +4,11 @@
 base_model: zoo/base            # attention, norms, embeddings (and the router's hidden states)
 gate_mode: hidden               # hidden | cheap_embed | random | uniform | logistic
 dtype: float32                  # output dtype (default: the base model's)
-experts_per_token: 2            # top-k
+experts_per_token: 2            # top-k (zoo: top-2 beats top-1 by 2.6 points; 3, 4 add nothing)
 experts:
   - source_model: zoo/add       # its MLP becomes one expert
-    positive_prompts: ["add 12+34="]
-    negative_prompts: ["rev abc="]   # optional
+    positive_prompts: ["add 12+34="]  # logistic: give 100+ texts (zoo: 10 lose 17 points)
+    negative_prompts: ["rev abc="]    # optional
 shared_experts:                 # optional, Qwen2-MoE only: at most one, an always-on MLP
   - source_model: zoo/base
     positive_prompts: [...]

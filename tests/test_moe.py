@@ -81,6 +81,14 @@ def test_expert_mlps_and_base_tensors_land_in_place(tiny_model, tmp_path, arch):
             "post_attention_layernorm.weight",
         ):
             torch.testing.assert_close(sd[p + name], src[0][p + name])
+        if arch == "qwen2":  # no shared expert configured: width 1, all zeros (adds nothing)
+            shared = {k: v for k, v in sd.items() if k.startswith(p + "mlp.shared_expert.")}
+            assert {k: tuple(v.shape) for k, v in shared.items()} == {
+                p + "mlp.shared_expert.gate_proj.weight": (1, 32),
+                p + "mlp.shared_expert.up_proj.weight": (1, 32),
+                p + "mlp.shared_expert.down_proj.weight": (32, 1),
+            }
+            assert all(torch.count_nonzero(v) == 0 for v in shared.values())
     torch.testing.assert_close(sd["model.embed_tokens.weight"], src[0]["model.embed_tokens.weight"])
 
 

