@@ -105,10 +105,15 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     )  # fmt: skip
     print("[4/5] held-out scores of the base, each expert and the uniform merge", file=sys.stderr)
     rows = [Row("base", dict(main.base.get("heldout", {})))]
+    trials = {t.user_attrs.get("baseline"): t for t in main.study.get_trials(deepcopy=False)}
     for label, params in baseline_trials(space):
-        if label.startswith("expert:") or label.startswith("uniform:"):
-            name = label.split(":")[1] if label.startswith("expert:") else "uniform merge"
-            rows.append(Row(name, _heldout(wb, space.decode(params))))
+        kind = label.split(":")[0]
+        if kind in ("expert", "uniform"):
+            name = label.split(":")[1] if kind == "expert" else "uniform merge"
+            done = main.heldout.get(trials[label].number) if label in trials else None
+            # baselines were re-scored on held-out at the end of the search; reuse those
+            scores = dict(done["tasks"]) if done else _heldout(wb, space.decode(params))
+            rows.append(Row(name, scores))
     rows.append(Row(f"dirichlet random (best of {budget})", _best_heldout(rand)))
     n_main = sum(counts_toward_budget(t) for t in main.study.get_trials(deepcopy=False))
     rows.append(Row(f"evomerge {sampler} ({n_main} trials, winner)", _best_heldout(main)))
