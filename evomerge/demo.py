@@ -27,7 +27,7 @@ class Row:
     scores: dict[str, float]
 
 
-def _space_file(zoo: Path) -> Path:
+def _space_file(zoo: Path, results: Path) -> Path:
     """The demo space, with its zoo paths pointed at `zoo` (the shipped file uses `zoo/`)."""
     if not SPACE.is_file():
         raise ConfigError(f"demo: the search space {SPACE.name} is missing from search_spaces/")
@@ -35,7 +35,7 @@ def _space_file(zoo: Path) -> Path:
         # relative when possible: the path is recorded in results/demo (no machine paths)
         return Path(os.path.relpath(SPACE)) if SPACE.is_relative_to(Path.cwd()) else SPACE
     text = SPACE.read_text().replace("zoo/", f"{zoo.as_posix().rstrip('/')}/")
-    out = Path("results") / ".demo_space.yaml"
+    out = results / ".demo_space.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
@@ -78,7 +78,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     t0 = time.time()
     print("[1/5] zoo: building (or reusing) the tiny offline model zoo", file=sys.stderr)
     build_zoo(zoo, mlp=False)  # the MLP experts serve `evomerge moe` only
-    space_path = _space_file(zoo)
+    space_path = _space_file(zoo, results)
     space = SearchSpace.from_yaml(space_path)
     budget = n_trials or DEMO_TRIALS
 

@@ -373,7 +373,7 @@ def run_search(
                 csv_at = time.time()
             line = _trial_line(st, mine, time.time() - t0)
             if line and " over_budget " not in line:
-                bar.update(round(budget(st), 1) - bar.n if budget else 1)
+                bar.update(round(min(budget(st), stop.total), 1) - bar.n if budget else 1)
                 if not quiet:
                     bar.write(line)
     except KeyboardInterrupt:
