@@ -32,7 +32,7 @@ def _args(kind: str | None, x: torch.Tensor):
     """(stats, keep floats, firsts) for rows 1, 2 as gta.py would build them."""
     if kind is None:
         return [[], []], [], []
-    d = [x[r].float() - x[0].float() for r in (1, 2)]
+    d = [(x[r].float() - x[0].float()).abs() for r in (1, 2)]
     if kind in ("magnitude", "breadcrumbs"):
         floats, firsts = [], []
         for j, pos in enumerate((N // 2, N // 3)):

@@ -29,13 +29,13 @@ def _planes_value(planes: torch.Tensor) -> torch.Tensor:
 
 
 def test_magnitude_order_is_stable_ascending_with_ties_by_index():
-    order = sp.magnitude_order(torch.tensor([0.5, -0.5, 1.0, 0.0, -2.0]))
+    order = sp.magnitude_order(torch.tensor([0.5, -0.5, 1.0, 0.0, -2.0]).abs())
     # |x| = .5 .5 1 0 2 -> 3, 0, 1, 2, 4: the tie 0.5/-0.5 keeps index order
     assert order.tolist() == [3, 0, 1, 2, 4] and order.dtype == torch.int32
 
 
 def test_magnitude_cut_by_hand():
-    x = torch.tensor([0.5, -0.5, 1.0, 0.0, -2.0, 0.5])
+    x = torch.tensor([0.5, -0.5, 1.0, 0.0, -2.0, 0.5]).abs()
     # stable order of |x|: 3 (0), 0 (.5), 1 (.5), 5 (.5), 2 (1), 4 (2)
     assert sp.magnitude_cut(x, 0) == (0.0, 3)
     assert sp.magnitude_cut(x, 2) == (0.5, 1)  # keep index >= 1 among the 0.5s, and above
@@ -49,11 +49,11 @@ def test_radix_cut_matches_the_sorted_order_with_many_ties(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-4, 5, (40, 30), generator=g).float() * 0.125
     x[0, :5] = torch.tensor([1e-40, -1e-40, 3e38, 0.0, -0.0])
-    ranks, order = _stable_ranks(x), sp.magnitude_order(x)
+    ranks, order = _stable_ranks(x), sp.magnitude_order(x.abs())
     idx = torch.arange(x.numel())
     mag = x.abs().reshape(-1)
     for p in (0, 1, 150, 600, 1199, 1200):
-        thr, first = sp.magnitude_cut(x, p)
+        thr, first = sp.magnitude_cut(x.abs(), p)
         if p < x.numel():
             assert first == int(order[p]) and thr == float(mag[first])
         kept = (mag > thr) | ((mag == thr) & (idx >= first))
@@ -88,7 +88,7 @@ def test_to_planes_round_trip():
 @pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 6, 5)])
 def test_della_ranks_are_stable_ranks_along_dim_1(shape):
     x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(1)).float()
-    got = _planes_value(sp.della_ranks(x))
+    got = _planes_value(sp.della_ranks(x.abs()))
     work = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
     rows = work.reshape(-1, work.shape[-1])
     want = torch.stack([_stable_ranks(r) for r in rows]).view(work.shape)
@@ -99,13 +99,13 @@ def test_della_ranks_are_stable_ranks_along_dim_1(shape):
 
 def test_della_ranks_of_long_rows_are_int32():
     x = _delta((1, 70_000))
-    ranks = sp.della_ranks(x)
+    ranks = sp.della_ranks(x.abs())
     assert ranks.shape == (1, 70_000) and ranks.dtype == torch.int32
     assert torch.equal(ranks[0].long(), _stable_ranks(x))
 
 
 def test_l1_unit_and_rescale_factor():
-    x = torch.tensor([0.75, -3.0, 0.0])  # max 3 < 2^2: unit 2^22
+    x = torch.tensor([0.75, 3.0, 0.0])  # max 3 < 2^2: unit 2^22
     unit = sp.l1_unit(x)
     assert unit == 2.0**22 and sp.l1_unit(torch.zeros(3)) == 0.0
     assert sp.rescale_factor(3.75 * unit, 0.75 * unit, unit) == 5.0

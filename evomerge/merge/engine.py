@@ -221,19 +221,34 @@ def output_config(
 
 
 class Buffers:
-    """Reused float32 buffers keyed by (role, shape): fresh tensors are slow (page faults)."""
+    """Reused buffers keyed by (role, shape, dtype): fresh tensors are slow (page faults)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._bufs: dict[tuple[str, int, tuple[int, ...]], torch.Tensor] = {}
+        self._bufs: dict[tuple, torch.Tensor] = {}
 
-    def get(self, role: str, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, role: str, n: int, shape: tuple[int, ...], dtype=None) -> torch.Tensor:
         import torch
 
-        key = (role, n, shape)
+        dtype = dtype or torch.float32
+        key = (role, n, shape, dtype)
         if key not in self._bufs:
-            self._bufs[key] = torch.empty((n, *shape), dtype=torch.float32, device=self.device)
+            self._bufs[key] = torch.empty((n, *shape), dtype=dtype, device=self.device)
         return self._bufs[key]
+
+
+def _input_dtype(item: OutTensor, readers: Mapping[str, CheckpointReader]) -> torch.dtype:
+    """The dtype the inputs are held in: their stored dtype when they share one that float32
+    holds exactly and the method converts entry by entry (`fused`), else float32."""
+    import torch
+
+    from evomerge.merge.registry import get_method
+
+    srcs = [*item.sources, *([item.base] if item.base is not None else [])]
+    dtypes = {readers[k].dtype(n) for k, n in srcs}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    exact = dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return dtype if exact and get_method(item.stage.merge_method).fused else torch.float32
 
 
 def _read_stack(
@@ -255,7 +270,8 @@ def _read_stack(
     n = len(item.sources)
     # a base that is not among the sources goes in the row after them, so the method's input
     # rows (models, then base: resolve.stack_rows) are this buffer, not a new (n + 1) copy
-    stacked = bufs.get("models", n + (item.base is not None), item.shape)  # (n [+ 1], *shape)
+    dtype = _input_dtype(item, readers)
+    stacked = bufs.get("models", n + (item.base is not None), item.shape, dtype)  # (n [+ 1], ...)
     for i, (k, name) in enumerate(item.sources):
         readers[k].read_into(name, stacked[i])
     if item.base is not None:
@@ -263,7 +279,7 @@ def _read_stack(
     return stacked
 
 
-def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch) -> torch.Tensor:
+def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch, out_dtype) -> torch.Tensor:
     from evomerge.recipe import base_index
 
     stacked = _read_stack(item, readers, bufs, vocab)
@@ -278,7 +294,8 @@ def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch) -> torch.Tenso
             readers[item.base[0]].read_into(item.base[1], base)
     else:
         base = None
-    return merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch)
+    out = bufs.get("out", 1, item.shape, out_dtype)[0]  # fused methods write it directly
+    return merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch, out=out)
 
 
 def _open_all(stage, stages, allow_pickle, trust_remote_code) -> dict[str, CheckpointReader]:
@@ -346,7 +363,7 @@ def merge_stage(
         with CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer:
             writer.plan([(it.name, it.shape) for it in items])
             for it in tqdm(items, desc=label, unit="tensor", disable=not progress):
-                merged = _merge_one(it, readers, bufs, vocab, merge_tensor, scratch)
+                merged = _merge_one(it, readers, bufs, vocab, merge_tensor, scratch, dtype)
                 if tuple(merged.shape) != it.shape:
                     raise MergeError(
                         f"merge of '{it.name}' gave shape {list(merged.shape)}, "

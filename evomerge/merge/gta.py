@@ -51,19 +51,33 @@ def _below(thr: float) -> float:
 
 
 class _Row:
-    """One task vector's view of the data: its row, lazily its delta, cached statistics."""
+    """One task vector's view of the data: its row, lazily |delta|, cached statistics.
+
+    Every statistic depends on |delta| only; it is made once per row and dropped by
+    release() as soon as the row's statistics are known (peak memory: one at a time).
+    """
 
     def __init__(self, inputs: MergeInputs, x: torch.Tensor, row: int):
         self.inputs, self.x, self.row = inputs, x, row
-        self._delta: torch.Tensor | None = None
+        self._mag: torch.Tensor | None = None
+        self._unit: float | None = None
 
-    def delta(self) -> torch.Tensor:
-        """models[row] - base in float32, shaped like the base (computed once)."""
-        if self._delta is None:
+    def mag(self) -> torch.Tensor:
+        """|models[row] - base| in float32, shaped like the base (computed once)."""
+        if self._mag is None:
             bi = self.inputs.base_index
-            d = self.x[self.row].to(torch.float32) - self.x[bi].to(torch.float32)
-            self._delta = d.view(self.inputs.base.shape)
-        return self._delta
+            d = torch.sub(self.x[self.row].to(torch.float32), self.x[bi].to(torch.float32))
+            self._mag = d.abs_().view(self.inputs.base.shape)
+        return self._mag
+
+    def unit(self) -> float:
+        """The rescale norms' unit (sparsify.l1_unit)."""
+        if self._unit is None:
+            self._unit = self.stat("unit", lambda: sp.l1_unit(self.mag()))
+        return self._unit
+
+    def release(self) -> None:
+        self._mag = None
 
     def stat(self, what: str, make, *key):
         cache, name = self.inputs.cache, self.inputs.tensor_name
@@ -77,10 +91,10 @@ class _Row:
         if pos >= n:
             return [math.inf, math.inf], n
         if self.inputs.cache is None:
-            thr, first = sp.magnitude_cut(self.delta(), pos)
-        else:  # two lookups in the cached order; |delta| at `first` from the rows
-            first = int(self.stat("order", lambda: sp.magnitude_order(self.delta()))[pos])
-            col = self.x[:, first].to(torch.float32)
+            thr, first = sp.magnitude_cut(self.mag(), pos)
+        else:  # two lookups in the cached order
+            first = int(self.stat("order", lambda: sp.magnitude_order(self.mag()))[pos])
+            col = self.x[:, first].to(torch.float32)  # |delta| at `first`, from the rows
             thr = float((col[self.row] - col[self.inputs.base_index]).abs())
         return [thr, _below(thr)], first
 
@@ -124,7 +138,7 @@ def _keep_args(r: _Row, kind: str, d: float, extra) -> tuple[list[float], list, 
 def _della(r: _Row, kind: str, stats: list) -> list:
     if kind != "della":
         return stats
-    return [*stats, r.stat("ranks", lambda: sp.della_ranks(r.delta()))]
+    return [*stats, r.stat("ranks", lambda: sp.della_ranks(r.mag()))]
 
 
 def _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels) -> list[float]:
@@ -142,7 +156,7 @@ def _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels) -> list[f
     factors = {j: known[k] for j, k in enumerate(keys) if k in known}
     todo = [j for j, k in enumerate(keys) if k is not None and j not in factors]
     if todo:
-        units = [r.stat("unit", lambda r=r: sp.l1_unit(r.delta())) for r in rows]
+        units = [r.unit() for r in rows]
         u = torch.tensor(units, dtype=torch.float32, device=x.device)
         plain = Spec(None, False, False, spec.rows, spec.base)
         before = rows[0].stat(
@@ -192,6 +206,9 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
         firsts += f
         stats.append(s)
         masked.append((dens[j], extras[j]) if dens[j] < 1 else None)
+        if prm["rescale"] and masked[-1]:
+            r.unit()
+        r.release()
     kernels = inputs.kernels or EAGER
     head = [*w, *([1.0] * m), _f32(prm["lambda"]), w_total]
     p = torch.tensor(head + keep, dtype=torch.float32, device=x.device)

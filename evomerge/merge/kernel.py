@@ -80,35 +80,51 @@ def threshold(thr, ge, first, a: int, length: int, device):
     return torch.where(torch.arange(a, a + length, device=device) >= first, ge, thr)
 
 
+def _flag(op, a, b):
+    """op(a, b) as float32 1/0. Masks stay float: eagerly a comparison into a float tensor
+    and products with it run several times faster than anything on bool tensors."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return op(a, b).to(torch.float32)
+    return op(a, b, out=torch.empty_like(a, dtype=torch.float32))  # b: a scalar or like a
+
+
 def _keep(kind: str, d, st: Sequence, p, o: int, firsts, j: int, a: int):
-    """Bool keep-mask of row j's task-vector chunk d; its arguments start at p[o]."""
+    """Float 1/0 keep-mask of row j's task-vector chunk d; its arguments start at p[o]."""
+    import torch
+
     if kind == "magnitude":
-        return d.abs() > threshold(p[o], p[o + 1], firsts[j], a, d.shape[0], d.device)
+        t = threshold(p[o], p[o + 1], firsts[j], a, d.shape[0], d.device)
+        return _flag(torch.gt, d.abs(), t)
     if kind == "breadcrumbs":  # drop the smallest and the outliers: t_lo < |d| <= t_hi
         mag = d.abs()
         lo = threshold(p[o], p[o + 1], firsts[2 * j], a, d.shape[0], d.device)
         hi = threshold(p[o + 2], p[o + 3], firsts[2 * j + 1], a, d.shape[0], d.device)
-        return (mag > lo) & (mag <= hi)
+        return _flag(torch.gt, mag, lo) * _flag(torch.le, mag, hi)
     if kind == "random":  # DARE: keep draw < k, k = ceil(density * 65536)
-        return _u16(st[0]) < p[o]
+        return _flag(torch.lt, _u16(st[0]), p[o])
     if kind == "della":  # keep u < rank * c1 + c0 (c1 = 2 eps / (n - 1), c0 = density - eps)
-        return _u16(st[0]) * DRAW_SCALE < _u16(st[1]) * p[o] + p[o + 1]
+        return _flag(torch.lt, _u16(st[0]) * DRAW_SCALE, _u16(st[1]) * p[o] + p[o + 1])
     raise ValueError(f"unknown mask kind {kind!r}")
 
 
 def _masked_delta(spec: Spec, x, j: int, stats, p, firsts, a: int):
+    """Task vector j (float32), times its keep-mask: dropped entries become +-0 (IEEE)."""
     import torch
 
-    base = x[spec.base].to(torch.float32)
-    d = x[spec.rows[j]].to(torch.float32) - base
+    d = x[spec.rows[j]].to(torch.float32) - x[spec.base].to(torch.float32)
     if spec.kind is None:
         return d
     o = 2 * len(spec.rows) + 2 + j * NKEEP[spec.kind]
-    return torch.where(_keep(spec.kind, d, stats[j], p, o, firsts, j, a), d, 0.0)
+    return d * _keep(spec.kind, d, stats[j], p, o, firsts, j, a)
 
 
 def gta_entries(spec: Spec, x, stats: Sequence, p, firsts, a: int):
-    """base + lambda * (merged task vectors) for entries a..a+L (x: (n_in, L))."""
+    """base + lambda * (merged task vectors) for entries a..a+L (x: (n_in, L)).
+
+    Only IEEE arithmetic and selections, so zeros get the same sign compiled or not.
+    """
     import torch
 
     m = len(spec.rows)
@@ -119,17 +135,21 @@ def gta_entries(spec: Spec, x, stats: Sequence, p, firsts, a: int):
     for wd in wds[1:]:
         s = s + wd
     if spec.consensus:
-        e = torch.where(s >= 0, 1.0, -1.0)  # the elected sign (mergekit: sum >= 0 elects +)
-        q = [torch.clamp_min(wd * e, 0.0) for wd in wds]  # |wd_j| where row j agrees, else 0
+        e = _flag(torch.ge, s, 0.0) * 2.0 - 1.0  # elected sign: + where sum >= 0
+        q, agree = [], []
+        for wd in wds:  # q_j = |wd_j| where row j agrees with the elected sign, else 0
+            signed = wd * e
+            agree.append(_flag(torch.gt, signed, 0.0))
+            q.append(signed * agree[-1])
         mixed = q[0]
         for qj in q[1:]:
             mixed = mixed + qj
         mixed = mixed * e
         if spec.normalize:  # by the summed weights of the agreeing rows (none agrees: 1)
-            div = torch.where(q[0] > 0, p[0], 0.0)
+            div = agree[0] * p[0]
             for j in range(1, m):
-                div = div + torch.where(q[j] > 0, p[j], 0.0)
-            mixed = mixed / torch.where(div == 0, 1.0, div)
+                div = div + agree[j] * p[j]
+            mixed = mixed / (div + _flag(torch.eq, div, 0.0))
     else:
         mixed = s / p[2 * m + 1] if spec.normalize else s
     return x[spec.base].to(torch.float32) + mixed * p[2 * m]
@@ -199,9 +219,21 @@ class Kernels:
         return f
 
     def _chunks(self, n: int, device):
+        """Chunk bounds; on the CPU, ops run on one thread meanwhile: each op takes tens of
+        microseconds, so a parallel region per op costs about what it saves, and on a busy
+        machine a preempted worker stalls every op at its barrier (measured: 3x slower)."""
+        import torch
+
         step = CHUNK if str(device) == "cpu" else max(CHUNK, 1 << 24)
-        for a in range(0, n, step):
-            yield a, min(a + step, n)
+        threads = torch.get_num_threads() if str(device) == "cpu" else 1
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            for a in range(0, n, step):
+                yield a, min(a + step, n)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
 
     def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int]) -> None:
         if self.compiled:
