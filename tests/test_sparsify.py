@@ -80,7 +80,7 @@ def test_draws_are_uniform_16_bit():
 
 def test_to_planes_round_trip():
     v = torch.tensor([0, 1, 255, 256, 32767, 32768, 65535], dtype=torch.int32)
-    planes = sp.to_planes(v)
+    planes = sp.to_planes(v.clone())  # overwrites its argument
     assert planes[0].tolist() == [0, 0, 0, 1, 127, 128, 255]
     assert torch.equal(_planes_value(planes), v.long())
 
@@ -105,9 +105,9 @@ def test_della_ranks_of_long_rows_are_int32():
 
 
 def test_l1_unit_and_rescale_factor():
-    x = torch.tensor([0.75, 3.0, 0.0])  # max 3 < 2^2: unit 2^22
-    unit = sp.l1_unit(x)
-    assert unit == 2.0**22 and sp.l1_unit(torch.zeros(3)) == 0.0
+    x = torch.tensor([0.75, -3.0, 0.0])  # max 3 < 2^2: unit 2^22
+    unit = sp.l1_unit(sp.abs_bound(x))
+    assert sp.abs_bound(x) == 3.0 and unit == 2.0**22 and sp.l1_unit(0.0) == 0.0
     assert sp.rescale_factor(3.75 * unit, 0.75 * unit, unit) == 5.0
     assert sp.rescale_factor(3.75 * unit, 0.0, unit) is None  # nothing kept: unscaled
     assert sp.rescale_factor(0.0, 0.0, 0.0) is None

@@ -66,14 +66,17 @@ class _Row:
         """|models[row] - base| in float32, shaped like the base (computed once)."""
         if self._mag is None:
             bi = self.inputs.base_index
-            d = torch.sub(self.x[self.row].to(torch.float32), self.x[bi].to(torch.float32))
+            d = self.x[self.row].to(torch.float32) - self.x[bi].to(torch.float32)
             self._mag = d.abs_().view(self.inputs.base.shape)
         return self._mag
 
     def unit(self) -> float:
-        """The rescale norms' unit (sparsify.l1_unit)."""
+        """The rescale norms' unit (sparsify.l1_unit), from |x| + |base| >= |delta|: no
+        delta needed (DARE never makes one)."""
         if self._unit is None:
-            self._unit = self.stat("unit", lambda: sp.l1_unit(self.mag()))
+            x, bi = self.x, self.inputs.base_index
+            bound = lambda: sp.abs_bound(x[self.row]) + sp.abs_bound(x[bi])  # noqa: E731
+            self._unit = self.stat("unit", lambda: sp.l1_unit(bound()))
         return self._unit
 
     def release(self) -> None:

@@ -88,13 +88,13 @@ def magnitude_cut(mag: torch.Tensor, p: int) -> tuple[float, int]:
 
 
 def to_planes(v: torch.Tensor) -> torch.Tensor:
-    """Integers in [0, 65536) -> (2, n) uint8 [hi, lo] (the low 16 bits of any int pattern)."""
+    """Contiguous integers (their low 16 bits) -> (2, n) uint8 [hi, lo]; overwrites v."""
     import torch
 
-    flat = v.reshape(-1)
+    flat = v.view(-1)
     out = torch.empty((2, flat.numel()), dtype=torch.uint8, device=v.device)
-    out[0].copy_(flat >> 8)  # integer -> uint8 keeps the low 8 bits
-    out[1].copy_(flat)
+    out[1].copy_(flat)  # integer -> uint8 keeps the low 8 bits
+    out[0].copy_(flat.bitwise_right_shift_(8))
     return out
 
 
@@ -145,18 +145,24 @@ def della_ranks(mag: torch.Tensor) -> torch.Tensor:
 # ---- rescale -------------------------------------------------------------------------------------
 
 
-def l1_unit(mag: torch.Tensor) -> float:
-    """2^(24 - e) with max(mag) < 2^e: every |x| * unit is below 2^24 (0.0: all zero).
-
-    Norms are sums of round(|x| * unit): integers below 2^24 each, so float64 sums of them
-    are exact in any order (up to 2^29 entries), and chunked, compiled or cached sums agree.
+def l1_unit(bound: float) -> float:
+    """2^(24 - e) with bound < 2^e, for a bound on |delta| (0.0: all zero). Every
+    round(|x| * unit) is then an integer of at most 2^24, so float64 sums of them are
+    exact in any order (up to 2^29 entries): chunked, compiled and cached norms agree.
     """
     import math
 
-    top = float(mag.max()) if mag.numel() else 0.0
-    if top == 0.0:
+    if bound == 0.0:
         return 0.0
-    return math.ldexp(1.0, L1_BITS - math.frexp(top)[1])
+    return math.ldexp(1.0, L1_BITS - math.frexp(bound)[1])
+
+
+def abs_bound(x: torch.Tensor) -> float:
+    """max |x| without a temporary (one aminmax pass)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = x.aminmax()
+    return max(-float(lo), float(hi))
 
 
 def rescale_factor(before: float, after: float, unit: float) -> float | None:
