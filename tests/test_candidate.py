@@ -181,3 +181,17 @@ def test_bad_inputs(sources):
     with pytest.raises(MergeError, match="no parameter"):
         merger.apply(st, {})
     assert merger.nbytes() > 0
+
+
+def test_dare_norm_from_the_histogram_equals_the_pass(sources, monkeypatch):
+    """Candidates read DARE's kept norm from a cached histogram (large tensors only)."""
+    import evomerge.merge.gta as gta
+
+    monkeypatch.setattr(gta, "DARE_HISTOGRAM_MIN", 0)
+    for density in (0.2, 0.7, 0.7):  # the last one reuses the memoized factor
+        st = _stage("dare_ties", {"weight": 0.6, "density": density})
+        merger = CandidateMerger(st, sources, num_layers=LAYERS)
+        want = _disk(st, sources)
+        for name, x in merger.merged(st):
+            assert torch.equal(x, want[name]), name
+        assert any(k[0] == "dare_l1" for k in merger.cache._store)
