@@ -157,7 +157,7 @@ print(time.perf_counter() - t0)
 """
 
 
-def bench_inplace(methods, models, mk_bin: Path, tmp: Path, reps: int = 3) -> dict:
+def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int = 3) -> dict:
     import torch
 
     from evomerge.merge.candidate import CandidateMerger
@@ -170,7 +170,7 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, reps: int = 3) -> di
         readers = {str(r): open_checkpoint(r) for r in stage_models(stage)}
         first = readers[str(stage_models(stage)[0])]
         n_layers = first.config["num_hidden_layers"]
-        merger = CandidateMerger(stage, readers, num_layers=n_layers)
+        merger = CandidateMerger(stage, readers, num_layers=n_layers, threads=threads)
         target = {n: torch.empty(first.shape(n)) for n in merger.tensor_names}
         t0 = time.perf_counter()
         merger.apply(stage, target)  # also computes the mask statistics, compiles kernels
@@ -214,7 +214,8 @@ def main() -> None:
     ap.add_argument("--base", help="an already converted SmolLM2 folder (skips the GGUF step)")
     ap.add_argument("--methods", default="linear,ties,dare_ties,della")
     ap.add_argument("--skip-b", action="store_true", help="skip (b), the in-process comparison")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (copy bandwidth)")
+    ap.add_argument("--candidate-threads", type=int, help="CandidateMerger threads (default 1)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     mk_bin = ensure_mergekit()
@@ -240,9 +241,10 @@ def main() -> None:
         if args.skip_b:
             return
         load = os.getloadavg()[0]
-        inplace = bench_inplace(methods, models, mk_bin, tmp)
+        inplace = bench_inplace(methods, models, mk_bin, tmp, args.candidate_threads)
     print("(b) one candidate: in-place apply (resident inputs) vs mergekit run_merge "
-          f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, {args.threads} threads)")  # fmt: skip
+          f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, "
+          f"{args.candidate_threads or 1} kernel threads)")  # fmt: skip
     for m, r in inplace.items():
         traffic = (r["in_bytes"] + 4) * r["numel"] / r["evomerge"] / 1e9  # inputs + fp32 output
         print(f"  {m:10s} evomerge {r['evomerge']:6.3f} s | mergekit {r['mergekit']:6.2f} s | "
