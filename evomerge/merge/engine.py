@@ -2,8 +2,10 @@
 
 For each stage: open every source lazily, check architectures, tensor names and shapes before
 any tensor work, plan the output tensors, then stream: each output tensor's sources are read
-into reused float32 buffers, merged by the recipe's method, cast and written straight to its
-place in a shard. Peak memory is a few tensors (the largest, times the number of models).
+into reused buffers (float32, or their stored dtype for fused methods), merged by the
+recipe's method, cast and written straight to its place in a shard. A few tensors are merged
+at once, one thread each (pipeline.py). Peak memory is a few tensors (the largest, times
+the number of models).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import secrets
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -221,19 +224,34 @@ def output_config(
 
 
 class Buffers:
-    """Reused float32 buffers keyed by (role, shape): fresh tensors are slow (page faults)."""
+    """Reused buffers keyed by (role, shape, dtype): fresh tensors are slow (page faults)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._bufs: dict[tuple[str, int, tuple[int, ...]], torch.Tensor] = {}
+        self._bufs: dict[tuple, torch.Tensor] = {}
 
-    def get(self, role: str, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, role: str, n: int, shape: tuple[int, ...], dtype=None) -> torch.Tensor:
         import torch
 
-        key = (role, n, shape)
+        dtype = dtype or torch.float32
+        key = (role, n, shape, dtype)
         if key not in self._bufs:
-            self._bufs[key] = torch.empty((n, *shape), dtype=torch.float32, device=self.device)
+            self._bufs[key] = torch.empty((n, *shape), dtype=dtype, device=self.device)
         return self._bufs[key]
+
+
+def _input_dtype(item: OutTensor, readers: Mapping[str, CheckpointReader]) -> torch.dtype:
+    """The dtype the inputs are held in: their stored dtype when they share one that float32
+    holds exactly and the method converts entry by entry (`fused`), else float32."""
+    import torch
+
+    from evomerge.merge.registry import get_method
+
+    srcs = [*item.sources, *([item.base] if item.base is not None else [])]
+    dtypes = {readers[k].dtype(n) for k, n in srcs}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    exact = dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return dtype if exact and get_method(item.stage.merge_method).fused else torch.float32
 
 
 def _read_stack(
@@ -255,7 +273,8 @@ def _read_stack(
     n = len(item.sources)
     # a base that is not among the sources goes in the row after them, so the method's input
     # rows (models, then base: resolve.stack_rows) are this buffer, not a new (n + 1) copy
-    stacked = bufs.get("models", n + (item.base is not None), item.shape)  # (n [+ 1], *shape)
+    dtype = _input_dtype(item, readers)
+    stacked = bufs.get("models", n + (item.base is not None), item.shape, dtype)  # (n [+ 1], ...)
     for i, (k, name) in enumerate(item.sources):
         readers[k].read_into(name, stacked[i])
     if item.base is not None:
@@ -263,10 +282,13 @@ def _read_stack(
     return stacked
 
 
-def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch) -> torch.Tensor:
+def _merge_one(item, readers, bufs, scratch, vocab, out_dtype, lock) -> torch.Tensor:
+    """The merged tensor (in `bufs`, or new); reads hold `lock` (readers share files)."""
+    from evomerge.merge.resolve import merge_tensor
     from evomerge.recipe import base_index
 
-    stacked = _read_stack(item, readers, bufs, vocab)
+    with lock:
+        stacked = _read_stack(item, readers, bufs, vocab)
     n = len(item.sources)
     bi = base_index(item.stage)
     if bi is not None:
@@ -275,10 +297,26 @@ def _merge_one(item, readers, bufs, vocab, merge_tensor, scratch) -> torch.Tenso
         base = stacked[n] if stacked.shape[0] > n else None
         if base is None:  # vocabulary-aligned rows came without the base
             base = bufs.get("base", 1, item.shape)[0]
-            readers[item.base[0]].read_into(item.base[1], base)
+            with lock:
+                readers[item.base[0]].read_into(item.base[1], base)
     else:
         base = None
-    return merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch)
+    out = bufs.get("out", 1, item.shape, out_dtype)[0]  # fused methods write it directly
+    merged = merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch,
+                          out=out)  # fmt: skip
+    if tuple(merged.shape) != item.shape:
+        raise MergeError(
+            f"merge of '{item.name}' gave shape {list(merged.shape)}, expected {list(item.shape)}"
+        )
+    return merged
+
+
+def _workers(device: torch.device) -> int:
+    """Tensors merged at once: one per intra-op thread torch would use, at most 4 (each
+    holds its tensor's inputs), one on an accelerator."""
+    import torch
+
+    return min(4, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
 def _open_all(stage, stages, allow_pickle, trust_remote_code) -> dict[str, CheckpointReader]:
@@ -311,10 +349,11 @@ def merge_stage(
     label: str = "merge",
 ) -> Path:
     """Merge one stage into `target` (written atomically)."""
+    import torch
     from tqdm.auto import tqdm
 
     from evomerge.merge.methods import Scratch
-    from evomerge.merge.resolve import merge_tensor
+    from evomerge.merge.pipeline import intra_op_threads, ordered_map
     from evomerge.recipe import validate_layer_ranges
 
     readers = _open_all(stage, stages, allow_pickle, trust_remote_code)
@@ -341,17 +380,22 @@ def merge_stage(
         dtype = _out_dtype(stage, readers[base_key])
         config = output_config(readers[base_key].config, readers, layer_map, vocab, dtype)
         tok_src, tok_files = tokenizer_files(stage, vocab, dirs, base_key)
-        bufs = Buffers(device)
-        scratch = Scratch()
-        with CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer:
+        workers = _workers(device)
+        slots = [(Buffers(device), Scratch()) for _ in range(workers)]
+        lock = threading.Lock()
+
+        def merge(it: OutTensor, slot: int) -> tuple[OutTensor, torch.Tensor]:
+            bufs, scratch = slots[slot]
+            return it, _merge_one(it, readers, bufs, scratch, vocab, dtype, lock)
+
+        with (
+            CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer,
+            intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()),
+        ):
             writer.plan([(it.name, it.shape) for it in items])
-            for it in tqdm(items, desc=label, unit="tensor", disable=not progress):
-                merged = _merge_one(it, readers, bufs, vocab, merge_tensor, scratch)
-                if tuple(merged.shape) != it.shape:
-                    raise MergeError(
-                        f"merge of '{it.name}' gave shape {list(merged.shape)}, "
-                        f"expected {list(it.shape)}"
-                    )
+            merged_items = ordered_map(merge, items, workers)
+            for it, merged in tqdm(merged_items, total=len(items), desc=label, unit="tensor",
+                                   disable=not progress):  # fmt: skip
                 writer.add(it.name, merged.to(dtype))
             files = {**tok_files, **(extra_files or {})}
             return writer.finish(config, copy_from=tok_src, files=files)

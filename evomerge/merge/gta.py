@@ -1,17 +1,16 @@
-"""Generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*, della*), chunked.
+"""Generalized task arithmetic (task_arithmetic, ties, dare_*, breadcrumbs*, della*).
 
 mergekit materializes every intermediate at full size (masks, weighted deltas, signs,
 elected sign, agreement, products): a dozen passes over (n, *shape) memory, most of them
-allocating. Here the flat tensor is walked in chunks of CHUNK entries; every intermediate
-lives in a small reused buffer that stays in cache, so main memory sees little more than
-one read of the task vectors, their mask statistics and the base, and one write of the
-output. The numbers follow mergekit's formulas (max difference ~1 ulp, see
-scripts/compare_mergekit.py); the disk path and the in-place candidate path both run
-this function, so they agree bit for bit.
+allocating. Here this module only turns the recipe's parameters and the cached data-only
+statistics (sparsify.py) into a few numbers per row -- thresholds, draw cut-offs, rescale
+factors -- and `kernel.gta_entries` does the arithmetic entry by entry, compiled for
+in-place candidates or chunk by chunk on disk, with the same bits either way. The numbers
+follow mergekit's formulas (0.0 max difference on the deterministic methods, see
+scripts/compare_mergekit.py).
 
-Per chunk, with wd = weighted masked task vectors  # (m, L):
-  s = sum_j wd_j; e = copysign(1, s) (the elected sign: mergekit's `sum >= 0` gives +, and
-  s = -0 only happens when every wd_j is zero, where no row agrees either way);
+Per entry, with wd_j = weighted masked task vectors:
+  s = sum_j wd_j; e = +1 where s >= 0 else -1 (the elected sign, as mergekit);
   q_j = max(wd_j * e, 0) = |wd_j| where row j agrees with the elected sign, else 0, so the
   disjoint sum is e * sum_j q_j exactly (negation commutes with rounding) and the
   normalising divisor is sum_j w_j [q_j > 0].
@@ -19,17 +18,25 @@ Per chunk, with wd = weighted masked task vectors  # (m, L):
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge import sparsify as sp
+from evomerge.merge.kernel import Kernels, Spec
 
 if TYPE_CHECKING:
     from evomerge.merge.registry import MergeInputs
 
-CHUNK = 1 << 18  # entries per chunk: big enough that per-op overhead is small, in L3
+EAGER = Kernels(compiled=False)
+_KEEP_ALL = {  # keep arguments that keep every entry (density >= 1: no mask, no rescale)
+    "magnitude": ([-1.0, -1.0], [0]),
+    "breadcrumbs": ([-1.0, -1.0, math.inf, math.inf], [0, None]),
+    "random": ([65536.0], []),
+    "della": ([0.0, 2.0], []),
+}
 
 
 def _f32(x: float) -> float:
@@ -43,104 +50,150 @@ def _below(thr: float) -> float:
     return float(torch.nextafter(t, torch.tensor(-float("inf"))))
 
 
-class _Cut:
-    """Keep the entries at sorted positions >= p of |tv| (see sparsify.magnitude_cut)."""
+class _Row:
+    """One task vector's view of the data: its row, lazily |delta|, cached statistics.
 
-    def __init__(self, tv: torch.Tensor, p: int, order: torch.Tensor | None):
-        self.thr, self.first = sp.magnitude_cut(tv, p, order)
-        self.ge = _below(self.thr)
+    Every statistic depends on |delta| only; it is made once per row and dropped by
+    release() as soon as the row's statistics are known (peak memory: one at a time).
+    """
 
-    def shrink(self, x: torch.Tensor, a: int, out: torch.Tensor) -> torch.Tensor:
-        """out = x (entries a.. of the flat tensor) with the cut-off entries set to 0."""
-        k = min(max(self.first - a, 0), x.numel())  # entries before `first`: strict compare
-        if k:
-            torch.ops.aten.hardshrink.out(x[:k], self.thr, out=out[:k])
-        if k < x.numel():
-            torch.ops.aten.hardshrink.out(x[k:], self.ge, out=out[k:])
-        return out
+    def __init__(self, inputs: MergeInputs, x: torch.Tensor, row: int):
+        self.inputs, self.x, self.row = inputs, x, row
+        self._mag: torch.Tensor | None = None
+        self._unit: float | None = None
 
+    def mag(self) -> torch.Tensor:
+        """|models[row] - base| in float32, shaped like the base (computed once)."""
+        if self._mag is None:
+            bi = self.inputs.base_index
+            d = self.x[self.row].to(torch.float32) - self.x[bi].to(torch.float32)
+            self._mag = d.abs_().view(self.inputs.base.shape)
+        return self._mag
 
-class _RowMask:
-    """Drop mask of one task vector, applied chunk by chunk from cached statistics."""
+    def unit(self) -> float:
+        """The rescale norms' unit (sparsify.l1_unit), from |x| + |base| >= |delta|: no
+        delta needed (DARE never makes one)."""
+        if self._unit is None:
+            x, bi = self.x, self.inputs.base_index
+            bound = lambda: sp.abs_bound(x[self.row]) + sp.abs_bound(x[bi])  # noqa: E731
+            self._unit = self.stat("unit", lambda: sp.l1_unit(bound()))
+        return self._unit
 
-    def __init__(self, inputs: MergeInputs, kind: str | None, row: int, tv, d: float, extra):
-        self.kind, self.d, self.extra, self.stats = kind, d, extra, ()
-        if kind is None or d >= 1:
-            self.kind = None  # keep everything (mergekit: no mask and no rescale)
-            return
-        cache, name, seed = inputs.cache, inputs.tensor_name, inputs.seed
-        n = tv.numel()
-        if kind in ("magnitude", "breadcrumbs"):
-            order = cache.order(name, row, tv) if cache else None
-            if kind == "magnitude":  # keep the k largest: sorted position >= n - k
-                lo, hi = (n if d <= 0 else n - max(1, int(d * n))), n
-            else:
-                target, n_top = int(d * n), int(extra * n)
-                lo = max(0, n - target - n_top)
-                hi = lo + target
-            self.cuts = (_Cut(tv, lo, order), _Cut(tv, hi, order) if hi < n else None)
-            return
-        u = cache.uniform(seed, name, row, tv) if cache else sp.uniform_draws(seed, name, row, tv)
-        if kind == "random":
-            self.stats = (u.reshape(-1),)
-            return
-        if d > 0 and (d + extra >= 1 or d - extra <= 0):
-            raise ConfigError(
-                f"tensor '{name}', model row {row}: della needs density ± epsilon inside (0, 1), "
-                f"but density={d:g}, epsilon={extra:g}"
-            )
-        rank_norm = cache.rank_norm(name, row, tv) if cache else sp.della_rank_norm(tv)
-        self.stats = (rank_norm.reshape(-1), u.reshape(-1))
+    def release(self) -> None:
+        self._mag = None
 
-    def apply(self, x: torch.Tensor, a: int, out: torch.Tensor, fbuf: torch.Tensor) -> None:
-        """out = x (entries a.. of the flat row; out may be x) with the dropped entries 0."""
-        if self.kind in ("magnitude", "breadcrumbs"):
-            lo, hi = self.cuts
-            lo.shrink(x, a, out)
-            if hi is not None:  # breadcrumbs: out - (entries at or above the top cut) = 0 there
-                out.sub_(hi.shrink(out, a, fbuf[: x.numel()]))
-            return
-        b = a + x.numel()
-        keep = fbuf[: x.numel()]  # float 1/0: float-only ops are several times faster here
-        if self.kind == "random":
-            torch.lt(self.stats[0][a:b], self.d, out=keep)
-        elif self.d <= 0:
-            keep.zero_()
-        else:  # della: keep with probability (d - eps) + rank_norm * 2 eps, as u < p
-            rn, u = self.stats[0][a:b], self.stats[1][a:b]
-            probs = torch.mul(rn, 2 * self.extra, out=keep).add_(self.d - self.extra)
-            torch.lt(u, probs, out=keep)
-        torch.mul(x, keep, out=out)
+    def stat(self, what: str, make, *key):
+        cache, name = self.inputs.cache, self.inputs.tensor_name
+        if cache is None:
+            return make()
+        return cache.get((what, name, self.row, *key), make)
+
+    def cut(self, pos: int) -> tuple[list[float], int]:
+        """Keep arguments of "sorted position >= pos" (see sparsify.magnitude_cut)."""
+        n = self.x.shape[1]
+        if pos >= n:
+            return [math.inf, math.inf], n
+        if self.inputs.cache is None:
+            thr, first = sp.magnitude_cut(self.mag(), pos)
+        else:  # two lookups in the cached order
+            first = int(self.stat("order", lambda: sp.magnitude_order(self.mag()))[pos])
+            col = self.x[:, first].to(torch.float32)  # |delta| at `first`, from the rows
+            thr = float((col[self.row] - col[self.inputs.base_index]).abs())
+        return [thr, _below(thr)], first
 
 
-def _masked_l1(tvf: torch.Tensor, mask: _RowMask, bufs) -> torch.Tensor:
-    """L1 norm of the kept entries (0-dim float32), summed chunk by chunk in a fixed order."""
-    c = bufs["f"].shape[0]
-    total = torch.zeros((), dtype=torch.float32, device=tvf.device)
-    for a in range(0, tvf.numel(), c):
-        b = min(a + c, tvf.numel())
-        x = torch.abs(tvf[a:b], out=bufs["f"][: b - a])
-        mask.apply(x, a, x, bufs["g"])
-        total += x.sum()
-    return total
+def _keep_args(r: _Row, kind: str, d: float, extra) -> tuple[list[float], list, list]:
+    """(floats, firsts, stats) of one row's keep-mask for the kernel (see kernel._keep)."""
+    inputs, n = r.inputs, r.x.shape[1]
+    if kind in ("random", "della"):
+        seed, name = inputs.seed, inputs.tensor_name
+        make = lambda: sp.draws(seed, name, r.row, n, r.x.device)  # noqa: E731
+        stats = [r.stat("draws", make, seed)]
+    else:
+        stats = []
+    if d >= 1:
+        floats, firsts = _KEEP_ALL[kind]
+        return list(floats), [n if f is None else f for f in firsts], _della(r, kind, stats)
+    if kind == "magnitude":  # keep the k largest: sorted position >= n - k
+        floats, first = r.cut(n if d <= 0 else n - max(1, int(d * n)))
+        return floats, [first], stats
+    if kind == "breadcrumbs":  # keep target entries below the n_top largest
+        target, n_top = int(d * n), int(extra * n)
+        lo = max(0, n - target - n_top)
+        f_lo, first_lo = r.cut(lo)
+        f_hi, first_hi = r.cut(lo + target)
+        return f_lo + f_hi, [first_lo, first_hi], stats
+    if kind == "random":  # u < d  <=>  draw < ceil(d * 65536)
+        return [float(math.ceil(max(d, 0.0) * 65536))], [], stats
+    if d > 0 and (d + extra >= 1 or d - extra <= 0):
+        raise ConfigError(
+            f"tensor '{inputs.tensor_name}', model row {r.row}: della needs density ± epsilon "
+            f"inside (0, 1), but density={d:g}, epsilon={extra:g}"
+        )
+    stats = _della(r, kind, stats)
+    if d <= 0:
+        return [0.0, 0.0], [], stats
+    cols = r.inputs.base.shape[1] if r.inputs.base.dim() > 1 else n
+    c1 = 2 * extra / (cols - 1) if cols > 1 else 0.0  # keep p from d - eps to d + eps by rank
+    return [_f32(c1), _f32(d - extra)], [], stats
 
 
-def _rescale_factor(inputs: MergeInputs, row: int, tvf, mask: _RowMask, bufs) -> float | None:
-    """before / after of mergekit's `rescale` (None: no rescale), memoized per density."""
-    if mask.kind is None:
-        return None
-    cache, name = inputs.cache, inputs.tensor_name
-    key = (name, row, mask.kind, mask.d, mask.extra, inputs.seed)
-    if cache is not None and key in cache.factors:
-        return cache.factors[key]
-    before = cache.l1(name, row, tvf) if cache else sp.l1_norm(tvf)
-    after = _masked_l1(tvf, mask, bufs)
-    factor = None
-    if not (before < sp._RESCALE_EPS or after < sp._RESCALE_EPS):
-        factor = float(before / after)  # float32 division, held exactly by a Python float
-    if cache is not None:
-        cache.factors[key] = factor
-    return factor
+def _della(r: _Row, kind: str, stats: list) -> list:
+    if kind != "della":
+        return stats
+    return [*stats, r.stat("ranks", lambda: sp.della_ranks(r.mag()))]
+
+
+DARE_HISTOGRAM_MIN = 1 << 19  # entries: above, a 512 KB histogram is < 1 byte per entry
+
+
+def _dare_kept_l1(r: _Row, k: int, unit: float, draws: torch.Tensor) -> float:
+    """The kept norm of DARE at draw cut-off k, read from a cached cumulative histogram of
+    round(|delta| * unit) over the 65536 draw values: no pass over the data per trial.
+    Integer sums, so it equals the kernel's masked_l1 exactly."""
+
+    def make() -> torch.Tensor:
+        q = torch.round(r.mag().reshape(-1) * unit).to(torch.float64)
+        v = draws[0].to(torch.int64) * 256 + draws[1]
+        return torch.bincount(v, weights=q, minlength=1 << 16).cumsum(0)
+
+    cum = r.stat("dare_l1", make, r.inputs.seed)
+    r.release()
+    return float(cum[k - 1]) if k > 0 else 0.0
+
+
+def _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels) -> list[float]:
+    """mergekit's rescale factor before / after per row (1.0: none), memoized per density.
+
+    Norms are counted in exact integer units (sparsify.l1_unit), so the compiled and the
+    eager kernels give the same factor; only the kept norm depends on the parameters.
+    """
+    cache = inputs.cache
+    keys = [
+        (inputs.tensor_name, r.row, spec.kind, *mk, inputs.seed) if mk else None
+        for r, mk in zip(rows, masked, strict=True)
+    ]
+    known = cache.factors if cache is not None else {}
+    factors = {j: known[k] for j, k in enumerate(keys) if k in known}
+    todo = [j for j, k in enumerate(keys) if k is not None and j not in factors]
+    if todo:
+        units = [r.unit() for r in rows]
+        u = torch.tensor(units, dtype=torch.float32, device=x.device)
+        plain = Spec(None, False, False, spec.rows, spec.base)
+        before = rows[0].stat(
+            "before", lambda: kernels.masked_l1(plain, x, [], p, [], u), spec.rows, spec.base
+        )
+        if cache is not None and spec.kind == "random" and x.shape[1] >= DARE_HISTOGRAM_MIN:
+            o = 2 * len(rows) + 2  # DARE's keep argument k of row j is p[o + j]
+            ks = [int(v) for v in p[o : o + len(rows)].tolist()]
+            after = [_dare_kept_l1(r, ks[j], units[j], stats[j][0]) for j, r in enumerate(rows)]
+        else:
+            after = kernels.masked_l1(spec, x, stats, p, firsts, u)
+        for j in todo:
+            factors[j] = sp.rescale_factor(before[j], after[j], units[j])
+            if cache is not None:
+                cache.factors[keys[j]] = factors[j]
+    return [1.0 if factors.get(j) is None else factors[j] for j in range(len(rows))]
 
 
 def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> torch.Tensor:
@@ -148,66 +201,47 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
 
     empty(key, shape, like) returns a (possibly reused) buffer.
     """
-    from evomerge.merge.methods import non_base_rows, task_vectors
+    from evomerge.merge.methods import non_base_rows
 
     base = inputs.base
     assert base is not None  # resolve guarantees a base for needs_base methods
-    rows = non_base_rows(inputs)
-    if not rows:
-        return base.clone()
+    idx = non_base_rows(inputs)
+    f32 = torch.empty(0, dtype=torch.float32, device=base.device)
+    if not idx:
+        return empty("out", tuple(base.shape), f32).copy_(base)
     if consensus not in (None, "sum"):
         raise ValueError(f"consensus method must be 'sum', but got {consensus!r}")
-    p, m, n = inputs.params, len(rows), base.numel()
-    tv = task_vectors(inputs).reshape(m, -1)  # (m, n)
-    dens = inputs.model_params["density"][rows].tolist() if kind else [1.0] * m  # no mask
+    prm, m = inputs.params, len(idx)
+    x = inputs.models.reshape(inputs.models.shape[0], -1)  # (n_in, n)
+    spec = Spec(kind, consensus is not None, bool(prm["normalize"]), tuple(idx), inputs.base_index)
+    dens = inputs.model_params["density"][idx].tolist() if kind else [1.0] * m  # no mask
     extra_name = {"breadcrumbs": "gamma", "della": "epsilon"}.get(kind or "")
-    extras = inputs.model_params[extra_name][rows].tolist() if extra_name else [None] * m
-    w = [_f32(x) for x in inputs.model_params["weight"][rows].tolist()]
-    c = max(1, min(CHUNK, n))
-    dev = dict(device=base.device)
-    f32 = torch.empty(0, dtype=torch.float32, **dev)
-    bufs = {
-        "wd": empty("gta.wd", (m, c), f32), "q": empty("gta.q", (m, c), f32),
-        "f": empty("gta.f", (c,), f32), "g": empty("gta.g", (c,), f32),
-        "s": empty("gta.s", (c,), f32), "e": empty("gta.e", (c,), f32),
-        "one": empty("gta.one", (c,), f32).fill_(1.0),
-    }  # fmt: skip
-    masks = [_RowMask(inputs, kind, rows[j], tv[j], dens[j], extras[j]) for j in range(m)]
-    scale = [_rescale_factor(inputs, rows[j], tv[j], masks[j], bufs) if p.get("rescale") else None
-             for j in range(m)]  # fmt: skip
-    w_col = torch.tensor(w, dtype=torch.float32, **dev).view(m, 1)  # (m, 1)
-    out = empty("out", tuple(base.shape), base)
-    flat_out, flat_base = out.view(-1), base.reshape(-1)
-    lam, normalize = p["lambda"], bool(p["normalize"])
-    w_total = w_col.sum(dim=0)  # (1,) as mergekit's weights.sum(dim=0); divides as a tensor
-    if w_total.abs() < 1e-8:
-        w_total.fill_(1)
-    for a in range(0, n, c):
-        b = min(a + c, n)
-        ln = b - a
-        wd = bufs["wd"][:, :ln]  # (m, L)
-        for j in range(m):  # wd_j = masked task vector, rescaled, weighted
-            x = tv[j, a:b]
-            if masks[j].kind is not None:
-                masks[j].apply(x, a, wd[j], bufs["g"])
-                x = wd[j]
-            if scale[j] is not None:  # mergekit: (delta * mask * before/after) * weight
-                torch.mul(x, scale[j], out=wd[j]).mul_(w[j])
-            else:
-                torch.mul(x, w[j], out=wd[j])
-        mixed = torch.sum(wd, dim=0, out=bufs["s"][:ln])  # (L,)
-        if consensus:
-            e = torch.copysign(bufs["one"][:ln], mixed, out=bufs["e"][:ln])
-            q = torch.mul(wd, e, out=bufs["q"][:, :ln]).clamp_min_(0)  # (m, L)
-            torch.sum(q, dim=0, out=mixed).mul_(e)
-            if normalize:  # float 1/0 masks: float-only ops are several times faster here
-                agree = torch.gt(q, 0, out=wd).mul_(w_col)  # (m, L): w_j where row j agrees
-                div = torch.sum(agree, dim=0, out=bufs["f"][:ln])
-                div.add_(torch.eq(div, 0, out=bufs["g"][:ln]))  # 0 -> 1 (no row agrees)
-                mixed.div_(div)
-        elif normalize:
-            mixed.div_(w_total)
-        if lam != 1:
-            mixed.mul_(lam)
-        torch.add(flat_base[a:b], mixed, out=flat_out[a:b])
+    extras = inputs.model_params[extra_name][idx].tolist() if extra_name else [None] * m
+    w = [_f32(v) for v in inputs.model_params["weight"][idx].tolist()]
+    w_total = float(torch.tensor(w, dtype=torch.float32).sum())  # mergekit: weights.sum(0)
+    if abs(w_total) < 1e-8:
+        w_total = 1.0
+    rows = [_Row(inputs, x, i) for i in idx]
+    keep, firsts, stats, masked = [], [], [], []
+    for j, r in enumerate(rows):
+        if kind is None:
+            masked.append(None)
+            continue
+        k, f, s = _keep_args(r, kind, dens[j], extras[j])
+        keep += k
+        firsts += f
+        stats.append(s)
+        masked.append((dens[j], extras[j]) if dens[j] < 1 else None)
+        if prm.get("rescale") and masked[-1]:
+            r.unit()
+        r.release()
+    kernels = inputs.kernels or EAGER
+    head = [*w, *([1.0] * m), _f32(prm["lambda"]), w_total]
+    p = torch.tensor(head + keep, dtype=torch.float32, device=x.device)
+    if prm.get("rescale") and any(masked):
+        p[m : 2 * m] = torch.tensor(
+            _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels)
+        )
+    out = empty("out", tuple(base.shape), f32)
+    kernels.gta(spec, out.view(-1), x, stats, p, firsts)
     return out

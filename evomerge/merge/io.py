@@ -215,14 +215,28 @@ class CheckpointReader:
         return f.read_raw(name, self._raw)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Copy tensor `name` into `out` (any dtype/device, same shape); checks it is finite."""
-        src = self._typed(name)
-        if tuple(src.shape) != tuple(out.shape):
+        """Copy tensor `name` into `out` (any dtype/device, same shape); checks it is finite.
+
+        A contiguous CPU `out` of the stored dtype is read into directly (no extra copy)."""
+        import torch
+
+        shape = self.shape(name)
+        if tuple(shape) != tuple(out.shape):
             raise MergeError(
-                f"{self.path}: tensor '{name}' has shape {tuple(src.shape)}, "
+                f"{self.path}: tensor '{name}' has shape {tuple(shape)}, "
                 f"expected {tuple(out.shape)}"
             )
-        out.copy_(src)
+        fname = self._where.get(name, "")
+        direct = (
+            fname.endswith(".safetensors")
+            and out.device.type == "cpu"
+            and out.is_contiguous()
+            and self.dtype(name) == out.dtype
+        )
+        if direct:
+            self._open(fname).read_raw(name, out.view(-1).view(torch.uint8))
+        else:
+            out.copy_(self._typed(name))
         self._check_finite(name, out)
         return out
 

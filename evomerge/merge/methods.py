@@ -10,7 +10,8 @@ import torch
 
 from evomerge.errors import ConfigError, MergeError
 from evomerge.merge import sparsify as sp
-from evomerge.merge.gta import gta
+from evomerge.merge.gta import EAGER, gta
+from evomerge.merge.kernel import Spec
 from evomerge.merge.registry import MergeInputs, Method, Param, register
 from evomerge.merge.spherical import karcher_mean, multislerp, nuslerp, slerp
 
@@ -74,29 +75,23 @@ def _gta(inputs: MergeInputs, kind: str | None, consensus: str | None) -> torch.
 # ---- other methods ---------------------------------------------------------------------------
 
 
-LINEAR_CHUNK = 1 << 18  # entries: the output chunk stays in cache across the per-model passes
-
-
 def _linear(inputs: MergeInputs) -> torch.Tensor:
     models = inputs.models  # (n, *shape)
-    weights = inputs.model_params["weight"].to(dtype=models.dtype, device=models.device)
-    out = _empty(inputs, "out", tuple(models.shape[1:]), models)
-    total = None
-    if inputs.params["normalize"]:
-        total = weights.sum()
-        if total == 0:
-            raise ConfigError(
-                f"tensor '{inputs.tensor_name}': linear weights sum to 0, which normalize: true "
-                f"divides by; got weights {inputs.model_params['weight'].tolist()}"
-            )
-    rows, flat = models.reshape(models.shape[0], -1), out.view(-1)  # (n, numel), (numel,)
-    for a in range(0, flat.numel(), LINEAR_CHUNK):
-        b = min(a + LINEAR_CHUNK, flat.numel())
-        o = torch.mul(rows[0, a:b], weights[0], out=flat[a:b])  # = 0 + x * w exactly
-        for i in range(1, rows.shape[0]):
-            o.addcmul_(rows[i, a:b], weights[i])
-        if total is not None:
-            o.div_(total)
+    n = models.shape[0]
+    w = inputs.model_params["weight"].to(torch.float32)
+    total = w.sum()  # mergekit: weights.sum(dim=0), in the tensors' float32
+    normalize = bool(inputs.params["normalize"])
+    if normalize and total == 0:
+        raise ConfigError(
+            f"tensor '{inputs.tensor_name}': linear weights sum to 0, which normalize: true "
+            f"divides by; got weights {inputs.model_params['weight'].tolist()}"
+        )
+    p = torch.cat([w, total.view(1)]).to(models.device)
+    f32 = torch.empty(0, dtype=torch.float32, device=models.device)
+    out = _empty(inputs, "out", tuple(models.shape[1:]), f32)
+    kernels = inputs.kernels or EAGER
+    kernels.linear(Spec(None, False, normalize, tuple(range(n))), out.view(-1),
+                   models.reshape(n, -1), p)  # fmt: skip
     return out
 
 
@@ -277,7 +272,7 @@ def _register_gta(name: str, kind, consensus, normalize, rescale, doc, ref) -> N
         return _gta(inputs, kind, consensus)
 
     register(Method(name, fn, _gta_params(normalize, rescale, kind), doc, ref, needs_base=True,
-                    random=kind in ("random", "della"), task_vectors=True))  # fmt: skip
+                    random=kind in ("random", "della"), task_vectors=True, fused=True))  # fmt: skip
 
 
 _register_gta("task_arithmetic", None, None, False, False, "base + sum of weighted task vectors",
@@ -301,6 +296,7 @@ register(Method(
     "linear", _linear,
     (WEIGHT, Param("normalize", "bool", "global", True, "divide by the summed weights")),
     "weighted average of the models", "https://arxiv.org/abs/2203.05482", base_is_input=True,
+    fused=True,
 ))  # fmt: skip
 register(Method(
     "slerp", _slerp,

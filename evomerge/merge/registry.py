@@ -82,7 +82,8 @@ class MergeInputs:
     """What a method's tensor function receives for one output tensor (all float32, one device).
 
     models: every entry of the recipe's `models:` list in order, stacked   # (n, *shape)
-            (an unlisted base_model is appended as the last row, as mergekit does)
+            (an unlisted base_model is appended as the last row, as mergekit does);
+            bfloat16/float16 rows (exact sources kept resident) only for `fused` methods
     base: the base_model's tensor, or None; base_index is its row in `models`.
     model_params: per-model parameters resolved for this tensor            # each (n,) float64
     params: global parameters resolved for this tensor (after defaults)
@@ -93,6 +94,7 @@ class MergeInputs:
     scratch: reusable buffers (evomerge.merge.methods.Scratch) or None to allocate
     out: a float32 tensor shaped like the result (the in-place path's live parameter) that
          methods supporting it write into instead of a scratch buffer, or None
+    kernels: the evomerge.merge.kernel.Kernels that `fused` methods run (None: eager)
     """
 
     tensor_name: str
@@ -106,6 +108,7 @@ class MergeInputs:
     cache: Any = None
     scratch: Any = None
     out: Any = None
+    kernels: Any = None
 
 
 MergeFn = Callable[[MergeInputs], "torch.Tensor"]
@@ -129,6 +132,9 @@ class Method:
     # "ignored" base policy), so model-scope parameters are read for it too. False: model
     # parameters are read for the non-base models only.
     base_is_input: bool = False
+    # True: the per-entry arithmetic runs in evomerge.merge.kernel (compiled for in-place
+    # candidates) and reads `models` in any float dtype, converting entry by entry
+    fused: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:

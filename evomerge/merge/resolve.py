@@ -154,7 +154,8 @@ def inputs_for_rows(
 
 
 def stack_rows(stage: MergeStage, tensor_name: str, models, base):
-    """Listed models  # (n, *shape), plus an unlisted base appended -> float32 input rows."""
+    """Listed models  # (n, *shape), plus an unlisted base appended -> the input rows:
+    float32, or the models' own bfloat16/float16 for `fused` methods (exact either way)."""
     import torch
 
     n_listed = len(stage.models)
@@ -163,9 +164,11 @@ def stack_rows(stage: MergeStage, tensor_name: str, models, base):
             f"tensor '{tensor_name}': expected one row per entry of models: ({n_listed}), "
             f"but got {models.shape[0]}"
         )
+    keep = models.dtype in (torch.bfloat16, torch.float16) and get_method(stage.merge_method).fused
+    dtype = models.dtype if keep else torch.float32
     bi = base_index(stage)
     if bi is None or bi < n_listed:
-        return models.to(torch.float32)
+        return models.to(dtype)
     if base is None:
         raise MergeError(f"tensor '{tensor_name}': base_model '{stage.base_model}' not given")
     if tuple(base.shape) != tuple(models.shape[1:]):
@@ -173,24 +176,22 @@ def stack_rows(stage: MergeStage, tensor_name: str, models, base):
             f"tensor '{tensor_name}': base shape {tuple(base.shape)} does not match the "
             f"models' {tuple(models.shape[1:])}"
         )
-    if _next_row(models, base):  # the caller laid the base out after the models: no copy
+    if _next_row(models, base, dtype):  # the caller laid the base out after the models: no copy
         return models.as_strided((n_listed + 1, *base.shape), models.stride())
-    rows = torch.empty((n_listed + 1, *base.shape), dtype=torch.float32, device=models.device)
+    rows = torch.empty((n_listed + 1, *base.shape), dtype=dtype, device=models.device)
     rows[:n_listed] = models
     rows[n_listed] = base
     return rows
 
 
-def _next_row(models: torch.Tensor, base: torch.Tensor) -> bool:
-    """True when base is the float32 row right after `models` in one contiguous storage."""
-    import torch
-
-    if models.dtype != torch.float32 or base.dtype != torch.float32 or models.shape[0] == 0:
+def _next_row(models: torch.Tensor, base: torch.Tensor, dtype) -> bool:
+    """True when base is the `dtype` row right after `models` in one contiguous storage."""
+    if models.dtype != dtype or base.dtype != dtype or models.shape[0] == 0:
         return False
     if not (models.is_contiguous() and base.is_contiguous()):
         return False
     same = models.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-    return same and base.data_ptr() == models.data_ptr() + models.numel() * 4
+    return same and base.data_ptr() == models.data_ptr() + models.numel() * models.element_size()
 
 
 def build_inputs(
@@ -214,13 +215,16 @@ def merge_tensor(
     t: float,
     cache: SparsifyCache | None = None,
     scratch: Scratch | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor (the disk path). Returns a float32 tensor: a new one, or with
-    `scratch` possibly one of its reused buffers (consume it before the next call)."""
+    `scratch` possibly one of its reused buffers (consume it before the next call) -- or
+    `out` (any float dtype, shaped like the result), which `fused` methods write directly."""
     import torch
 
     inputs = build_inputs(stage, tensor_name, models, base, t)
     inputs.cache = cache
     inputs.scratch = scratch
-    out = get_method(stage.merge_method).fn(inputs)
-    return out.to(torch.float32)
+    inputs.out = out
+    merged = get_method(stage.merge_method).fn(inputs)
+    return merged if merged is out else merged.to(torch.float32)

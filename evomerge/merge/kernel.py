@@ -1,0 +1,283 @@
+"""The per-entry arithmetic of linear and generalized task arithmetic, written once.
+
+Each `*_entries` function maps a chunk of the stacked flat inputs to the same chunk of the
+output, entry by entry. The same function runs two ways:
+
+- eager, chunk by chunk, so every intermediate stays in cache: the disk path (and any
+  device but the CPU), where reading and casting dominate and compiling would cost more
+  than it saves;
+- compiled by torch.compile over whole tensors: inductor generates one fused C++ loop, so
+  every input is read once and the output written once, near memory bandwidth. This is for
+  in-place candidates, which run the same arithmetic hundreds of times.
+
+Both give the same bits: every rounding operation (float32 sub, mul, add, div) is the same
+IEEE operation on the same operands in the same order, and inductor is pinned to
+-ffp-contract=off (no fused multiply-add) and no unsafe math. Comparisons, selections and
+sign flips are exact however they are evaluated. Sums over entries (rescale norms) add
+integers in float64, exact in any order. tests/test_kernel.py checks compiled == eager.
+
+Layout: x is the stacked inputs  # (n_in, L); p is float32: weight_j..., rescale_j... (1 =
+none), lambda, summed weights, then the keep arguments of each row (NKEEP[kind] each);
+firsts are the `first` indices of magnitude cuts (ints eagerly, an int64 tensor compiled).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NKEEP = {None: 0, "magnitude": 2, "breadcrumbs": 4, "random": 1, "della": 2}
+DRAW_SCALE = 1.0 / 65536  # a 16-bit draw r stands for the uniform number r / 65536
+CHUNK = 1 << 17  # entries per eager chunk on the CPU: intermediates stay in L2
+_COMPILE_OPTIONS = {  # what the bit-for-bit agreement with eager relies on
+    "cpp.enable_floating_point_contract_flag": "off",
+    "cpp.enable_unsafe_math_opt_flag": False,
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The static part of a merge kernel (a compiled kernel is specialized on it).
+
+    kind: the keep-mask: None, "magnitude", "breadcrumbs", "random" (DARE), "della"
+    consensus: TIES sign election (mergekit's consensus "sum")
+    normalize: divide by the summed weights (with consensus: of the rows that agree)
+    rows: rows of x holding the merged models; base: the base row (None for linear)
+    """
+
+    kind: str | None
+    consensus: bool
+    normalize: bool
+    rows: tuple[int, ...]
+    base: int | None = None
+
+
+# ---- the arithmetic of one chunk -------------------------------------------------------------
+
+
+def _u16(planes):
+    """(2, L) uint8 [hi, lo] -> hi * 256 + lo as float32 (exact); int32 (1, L) as is."""
+    import torch
+
+    if planes.dtype == torch.uint8:
+        return planes[0].to(torch.float32) * 256.0 + planes[1].to(torch.float32)
+    return planes[0].to(torch.float32)
+
+
+def threshold(thr, ge, first, a: int, length: int, device):
+    """The magnitude threshold for entries a..a+length of a cut: entries before `first`
+    need |d| > thr, the others |d| >= thr, i.e. |d| > ge (the float32 just below thr).
+    Eagerly usually one scalar per chunk; compiled, a select that inductor fuses."""
+    import torch
+
+    if isinstance(first, int):
+        if first <= a:
+            return ge
+        if first >= a + length:
+            return thr
+    return torch.where(torch.arange(a, a + length, device=device) >= first, ge, thr)
+
+
+def _flag(op, a, b):
+    """op(a, b) as float32 1/0. Masks stay float: eagerly a comparison into a float tensor
+    and products with it run several times faster than anything on bool tensors."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return op(a, b).to(torch.float32)
+    return op(a, b, out=torch.empty_like(a, dtype=torch.float32))  # b: a scalar or like a
+
+
+def _keep(kind: str, d, st: Sequence, p, o: int, firsts, j: int, a: int):
+    """Float 1/0 keep-mask of row j's task-vector chunk d; its arguments start at p[o]."""
+    import torch
+
+    if kind == "magnitude":
+        t = threshold(p[o], p[o + 1], firsts[j], a, d.shape[0], d.device)
+        return _flag(torch.gt, d.abs(), t)
+    if kind == "breadcrumbs":  # drop the smallest and the outliers: t_lo < |d| <= t_hi
+        mag = d.abs()
+        lo = threshold(p[o], p[o + 1], firsts[2 * j], a, d.shape[0], d.device)
+        hi = threshold(p[o + 2], p[o + 3], firsts[2 * j + 1], a, d.shape[0], d.device)
+        return _flag(torch.gt, mag, lo) * _flag(torch.le, mag, hi)
+    if kind == "random":  # DARE: keep draw < k, k = ceil(density * 65536)
+        return _flag(torch.lt, _u16(st[0]), p[o])
+    if kind == "della":  # keep u < rank * c1 + c0 (c1 = 2 eps / (n - 1), c0 = density - eps)
+        return _flag(torch.lt, _u16(st[0]) * DRAW_SCALE, _u16(st[1]) * p[o] + p[o + 1])
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def _masked_delta(spec: Spec, x, j: int, stats, p, firsts, a: int):
+    """Task vector j (float32), times its keep-mask: dropped entries become +-0 (IEEE)."""
+    import torch
+
+    d = x[spec.rows[j]].to(torch.float32) - x[spec.base].to(torch.float32)
+    if spec.kind is None:
+        return d
+    o = 2 * len(spec.rows) + 2 + j * NKEEP[spec.kind]
+    return d * _keep(spec.kind, d, stats[j], p, o, firsts, j, a)
+
+
+def gta_entries(spec: Spec, x, stats: Sequence, p, firsts, a: int):
+    """base + lambda * (merged task vectors) for entries a..a+L (x: (n_in, L)).
+
+    Only IEEE arithmetic and selections, so zeros get the same sign compiled or not.
+    """
+    import torch
+
+    m = len(spec.rows)
+    wds = []
+    for j in range(m):  # mergekit: (delta * mask * rescale) * weight
+        wds.append(_masked_delta(spec, x, j, stats, p, firsts, a) * p[m + j] * p[j])
+    s = wds[0]
+    for wd in wds[1:]:
+        s = s + wd
+    if spec.consensus:
+        e = _flag(torch.ge, s, 0.0) * 2.0 - 1.0  # elected sign: + where sum >= 0
+        q, agree = [], []
+        for wd in wds:  # q_j = |wd_j| where row j agrees with the elected sign, else 0
+            signed = wd * e
+            agree.append(_flag(torch.gt, signed, 0.0))
+            q.append(signed * agree[-1])
+        mixed = q[0]
+        for qj in q[1:]:
+            mixed = mixed + qj
+        mixed = mixed * e
+        if spec.normalize:  # by the summed weights of the agreeing rows (none agrees: 1)
+            div = agree[0] * p[0]
+            for j in range(1, m):
+                div = div + agree[j] * p[j]
+            mixed = mixed / (div + _flag(torch.eq, div, 0.0))
+    else:
+        mixed = s / p[2 * m + 1] if spec.normalize else s
+    return x[spec.base].to(torch.float32) + mixed * p[2 * m]
+
+
+def l1_entries(spec: Spec, x, j: int, stats, p, firsts, a: int, unit):
+    """round(|masked task vector j| * unit) as float64: integers, so sums are exact."""
+    import torch
+
+    d = _masked_delta(spec, x, j, stats, p, firsts, a)
+    return torch.round(d.abs() * unit).to(torch.float64)
+
+
+def linear_entries(spec: Spec, x, p):
+    """sum_j x_j * w_j, divided by the summed weights p[m] when normalizing."""
+    import torch
+
+    m = len(spec.rows)
+    acc = x[spec.rows[0]].to(torch.float32) * p[0]
+    for j in range(1, m):
+        acc = acc + x[spec.rows[j]].to(torch.float32) * p[j]
+    return acc / p[m] if spec.normalize else acc
+
+
+# ---- whole-tensor forms (compiled) ---------------------------------------------------------------
+
+
+def _gta_whole(spec: Spec, out, x, stats, p, firsts) -> None:
+    out.copy_(gta_entries(spec, x, stats, p, firsts, 0))
+
+
+def _l1_whole(spec: Spec, x, stats, p, firsts, units):
+    return [l1_entries(spec, x, j, stats, p, firsts, 0, units[j]).sum() for j in range(len(units))]
+
+
+def _linear_whole(spec: Spec, out, x, p) -> None:
+    out.copy_(linear_entries(spec, x, p))
+
+
+_COMPILED: dict[tuple, Callable[..., Any]] = {}  # (entry function, Spec) -> compiled, per process
+
+
+class Kernels:
+    """Runs the entry functions over whole flat tensors: compiled (one torch.compile'd
+    function per Spec, built on first use) or eagerly chunk by chunk.
+
+    x: the stacked inputs  # (n_in, n); out: (n,) float32, written in place.
+    """
+
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled
+
+    def _compiled(self, fn: Callable[..., Any], spec: Spec) -> Callable[..., Any]:
+        key = (fn.__name__, spec)
+        f = _COMPILED.get(key)
+        if f is None:
+            import torch
+
+            def bound(*args: Any) -> Any:
+                return fn(spec, *args)
+
+            # dynamo keeps compiled graphs per code object, up to a recompile limit: one
+            # code object per kernel keeps different specs from evicting each other
+            bound.__code__ = bound.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+            f = torch.compile(bound, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS)
+            _COMPILED[key] = f
+        return f
+
+    def _chunks(self, n: int, device):
+        """Chunk bounds; on the CPU, ops run on one thread meanwhile: each op takes tens of
+        microseconds, so a parallel region per op costs about what it saves, and on a busy
+        machine a preempted worker stalls every op at its barrier (measured: 3x slower)."""
+        import torch
+
+        step = CHUNK if str(device) == "cpu" else max(CHUNK, 1 << 24)
+        threads = torch.get_num_threads() if str(device) == "cpu" else 1
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            for a in range(0, n, step):
+                yield a, min(a + step, n)
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
+
+    def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int]) -> None:
+        if self.compiled:
+            ft = _int_tensor(firsts, x.device)
+            self._compiled(_gta_whole, spec)(out, x, stats, p, ft)
+            return
+        for a, b in self._chunks(out.shape[0], out.device):
+            out[a:b] = gta_entries(spec, x[:, a:b], _sl(stats, a, b), p, firsts, a)
+
+    def linear(self, spec: Spec, out, x, p) -> None:
+        if self.compiled:
+            self._compiled(_linear_whole, spec)(out, x, p)
+            return
+        for a, b in self._chunks(out.shape[0], out.device):
+            out[a:b] = linear_entries(spec, x[:, a:b], p)
+
+    def masked_l1(self, spec: Spec, x, stats, p, firsts: Sequence[int], units) -> list[float]:
+        """Per row j: sum of round(|kept entries of task vector j| * units[j]) (exact)."""
+        if self.compiled:
+            ft = _int_tensor(firsts, x.device)
+            return [float(s) for s in self._compiled(_l1_whole, spec)(x, stats, p, ft, units)]
+        totals = [0.0] * len(spec.rows)
+        for a, b in self._chunks(x.shape[1], x.device):
+            xs, st = x[:, a:b], _sl(stats, a, b)
+            for j in range(len(spec.rows)):
+                totals[j] += float(l1_entries(spec, xs, j, st, p, firsts, a, units[j]).sum())
+        return totals
+
+
+def _sl(stats: Sequence, a: int, b: int) -> list:
+    return [[s[..., a:b] for s in st] for st in stats]
+
+
+def _int_tensor(values: Sequence[int], device):
+    import torch
+
+    return torch.tensor(list(values) or [0], dtype=torch.int64, device=device)
+
+
+def compile_available(device) -> bool:
+    """Whether compiled kernels may run: CPU tensors (inductor's C++ backend, whose flags
+    are pinned above), a C++ compiler on PATH, and EVOMERGE_COMPILE not set to 0."""
+    if str(device) != "cpu" or os.environ.get("EVOMERGE_COMPILE", "1") == "0":
+        return False
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
