@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from evomerge import __version__
+from evomerge.search.samplers import SAMPLERS
 
 # command -> "module:function"; the function takes the argparse.Namespace, returns an exit code
 COMMANDS: dict[str, str] = {
@@ -52,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-trials", type=int, default=None)
     s.add_argument("--timeout", type=float, default=None, help="seconds")
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: results/NAME/)")
-    s.add_argument(
-        "--sampler", default=None, choices=["tpe", "cmaes", "gp", "nsga2", "qmc", "dirichlet"]
-    )
+    s.add_argument("--sampler", default=None, choices=SAMPLERS)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--results", default="results", help="results folder (default: results)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: the space's or auto)")

@@ -164,6 +164,7 @@ SAMPLER_CLASSES = {
     "nsga2": "NSGAIISampler",
     "qmc": "QMCSampler",
 }
+SAMPLERS = (*SAMPLER_CLASSES, "dirichlet")  # dirichlet: ours, the random-search baseline
 
 
 def sampler_defaults(name: str, space: SearchSpace) -> dict[str, Any]:
@@ -251,3 +252,4 @@ PRUNER_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "median": ("MedianPruner", "docs", {"n_startup_trials": 5, "n_warmup_steps": 0}),
     "halving": ("SuccessiveHalvingPruner", "docs", {"reduction_factor": 3}),
 }
+PRUNERS = (*PRUNER_CLASSES, "none")

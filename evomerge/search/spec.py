@@ -14,7 +14,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.merge.registry import Method, Param, get_method
-from evomerge.search.samplers import DEFAULT_PRUNER
+from evomerge.search.samplers import DEFAULT_PRUNER, PRUNERS, SAMPLERS
 
 TOP_KEYS = (
     "name",
@@ -68,8 +68,6 @@ SEARCH_KEYS = (
     "grace_period",
     "penalty",
 )
-SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "qmc", "dirichlet")
-PRUNERS = ("wilcoxon", "median", "halving", "none")
 # a parameter searched as a fraction of a bound set by another: della's epsilon must stay below
 # min(density, 1 - density), so it is sampled as eps = frac * min(d, 1 - d) and never fails
 RELATIVE = {"epsilon": "density"}
