@@ -18,6 +18,8 @@ from evomerge.errors import ConfigError, did_you_mean
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.eval.early_exit import ExactAnswers
+
 BACKENDS = ("hf", "vllm")
 
 
@@ -54,8 +56,16 @@ class Backend(Protocol):
         """(context, continuation) -> (sum of continuation log-probs, continuation is greedy)."""
         ...
 
-    def generate(self, requests: Sequence[tuple[str, GenerationSpec]]) -> list[str]:
-        """(context, spec) -> generated text, cut before the first stop string."""
+    def generate(
+        self,
+        requests: Sequence[tuple[str, GenerationSpec]],
+        answers: Sequence[ExactAnswers | None] | None = None,
+    ) -> list[str]:
+        """(context, spec) -> generated text, cut before the first stop string.
+
+        `answers` (one per request, or None) is a hint: a request's only final texts that
+        score. A backend may stop a generation once `answers[i].could_match(text so far)` is
+        False and return the text so far (its score is 0 either way), or ignore the hint."""
         ...
 
 

@@ -19,6 +19,7 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     from evomerge.eval.backends import Backend
+    from evomerge.eval.early_exit import ExactAnswers
     from evomerge.eval.tasks import ProxyTask
 
 
@@ -119,23 +120,26 @@ class Evaluator:
         by_name = {t.name: t for t in self.tasks}
         batches: dict[str, list] = {"loglikelihood": [], "generate_until": []}
         owners: dict[str, list[tuple[str, int, int]]] = {"loglikelihood": [], "generate_until": []}
+        hints: list[ExactAnswers | None] = []  # per generation request: early-exit hints
         for name, ids in new.items():
             task = by_name[name]
             for doc_id in ids:
                 reqs = task.requests(doc_id)
                 batches[task.request_type].extend(reqs)
                 owners[task.request_type].extend((name, doc_id, j) for j in range(len(reqs)))
+                if task.request_type == "generate_until":
+                    hints.extend(task.answers(doc_id))
         responses: dict[tuple[str, int], list] = {}
         for kind, reqs in batches.items():
             if not reqs:
                 continue
-            answers = (
+            outs = (
                 self.backend.loglikelihood(reqs)
                 if kind == "loglikelihood"
-                else self.backend.generate(reqs)
+                else self.backend.generate(reqs, answers=hints)
             )
-            for (name, doc_id, _), ans in zip(owners[kind], answers, strict=True):
-                responses.setdefault((name, doc_id), []).append(ans)
+            for (name, doc_id, _), out in zip(owners[kind], outs, strict=True):
+                responses.setdefault((name, doc_id), []).append(out)
         for name, ids in new.items():
             for doc_id in ids:
                 score = by_name[name].score(doc_id, responses[(name, doc_id)])

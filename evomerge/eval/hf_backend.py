@@ -5,8 +5,10 @@ whole string is encoded and split, BOS handling, left truncation to the model's 
 so scores equal lm-eval's. Speed comes from what a candidate loop can reuse: encodings are
 cached per string, identical model inputs run once, log-probs are computed only at the
 continuation positions, and generation is a plain greedy loop over a KV cache that drops
-finished rows instead of padding them to the end and that first verifies, in one forward
-pass, the answer the previous candidate gave (a draft: see hf_generate).
+finished rows instead of padding them to the end, that first verifies, in one forward
+pass, the answer the previous candidate gave (a draft: see hf_generate), and that stops a
+row as soon as it can no longer score under exact match (the evaluator's answers hint,
+see early_exit).
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import inspect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_generate import greedy_generate, trace_text
+from evomerge.eval.hf_generate import greedy_generate, prefix_stable_decoding, trace_text
 from evomerge.eval.hf_score import plan, score_contexts
+
+if TYPE_CHECKING:
+    from evomerge.eval.early_exit import ExactAnswers
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -51,6 +56,7 @@ class HFBackend:
         trust_remote_code: bool = False,
         max_length: int | None = None,
         drafts: bool = True,
+        early_exit: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +72,8 @@ class HFBackend:
             ).to(device)
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory loading '{model_dir}' on {device}") from exc
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._speedups(drafts=drafts, early_exit=early_exit)
         self.name = path.as_posix()
 
     @classmethod
@@ -78,10 +85,12 @@ class HFBackend:
         batch_size: int | str = 64,
         max_length: int | None = None,
         drafts: bool = True,
+        early_exit: bool = True,
     ) -> HFBackend:
         """Wrap an already loaded model (shared, not copied: in-place writes reach it)."""
         self = cls.__new__(cls)
-        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length, drafts=drafts)
+        self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        self._speedups(drafts=drafts, early_exit=early_exit)
         self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
         return self
 
@@ -92,7 +101,6 @@ class HFBackend:
         *,
         batch_size: int | str,
         max_length: int | None,
-        drafts: bool,
     ) -> None:
         self.batch_size = _batch_size(batch_size)  # None: "auto"
         self.token_budget, self.logits_budget = TOKEN_BUDGET, LOGITS_BUDGET
@@ -117,10 +125,15 @@ class HFBackend:
         # transformers >= 5.24 renamed past_key_values to cache (the old name warns)
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
+        self._live: dict[str, torch.Tensor] | None = None
+
+    def _speedups(self, *, drafts: bool, early_exit: bool) -> None:
+        """Switches for what changes speed only, never a score (the benchmark turns them off)."""
         # the last answer generated for each (prompt, spec): the next candidate's draft
         self.drafts = drafts
         self._drafts: dict[tuple[str, GenerationSpec], list[int]] = {}
-        self._live: dict[str, torch.Tensor] | None = None
+        # stop a generation once it cannot score (answers hint); needs text that only grows
+        self.early_exit = early_exit and prefix_stable_decoding(self.tokenizer)
 
     # ------------------------------------------------------------------ weights
     def live_tensors(self) -> dict[str, torch.Tensor]:
@@ -264,12 +277,14 @@ class HFBackend:
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def generate(self, requests: Sequence[tuple[str, GenerationSpec]]) -> list[str]:
-        by_spec: dict[GenerationSpec, list[int]] = defaultdict(list)
-        for i, (_, spec) in enumerate(requests):
-            by_spec[spec].append(i)
+    def generate(
+        self,
+        requests: Sequence[tuple[str, GenerationSpec]],
+        answers: Sequence[ExactAnswers | None] | None = None,
+    ) -> list[str]:
         out = [""] * len(requests)
-        for spec, idx in by_spec.items():
+        prompts: dict[int, list[int]] = {}
+        for i, (context, spec) in enumerate(requests):
             if spec.do_sample and spec.temperature > 0:
                 raise ConfigError("proxy evaluation generates greedily; got do_sample: true")
             max_ctx = self.max_length - spec.max_gen_toks
@@ -278,22 +293,44 @@ class HFBackend:
                     f"max_gen_toks ({spec.max_gen_toks}) must be below the model's maximum "
                     f"length ({self.max_length})"
                 )
-            prompts = {i: self._encode(requests[i][0])[-max_ctx:] for i in idx}
-            keys = {i: (requests[i][0], spec) for i in idx}  # the text fixes the prompt ids
-            drafts = {i: self._drafts.get(keys[i], []) for i in idx} if self.drafts else {}
-            # what a row feeds first: its prompt and all but the last token of its draft (see
-            # greedy_generate); longest first, so rows of a batch need little padding
-            width = {i: len(prompts[i]) + max(len(drafts.get(i, ())) - 1, 0) for i in idx}
-            order = sorted(idx, key=lambda i: (-width[i], requests[i][0]))
-            for batch in self.split([(width[i], 1) for i in order]):
-                rows = [order[j] for j in batch]
-                row_drafts = [drafts[i] for i in rows] if drafts else None
-                traces = greedy_generate(self, [prompts[i] for i in rows], spec, row_drafts)
-                for i, trace in zip(rows, traces, strict=True):
-                    out[i] = trace_text(self, trace, spec)
-                    if self.drafts:
-                        self._drafts[keys[i]] = trace
+            if spec.max_gen_toks >= 1:
+                prompts[i] = self._encode(context)[-max_ctx:]
+        hints = list(answers) if answers is not None else [None] * len(requests)
+        if len(hints) != len(requests):
+            raise ValueError(f"{len(requests)} requests but {len(hints)} answers hints")
+        keys = {i: (requests[i][0], requests[i][1]) for i in prompts}  # text fixes the ids
+        drafts = {i: self._drafts.get(keys[i], []) for i in prompts} if self.drafts else {}
+        for rows in self._generation_batches(requests, prompts, drafts):
+            traces = greedy_generate(
+                self,
+                [prompts[i] for i in rows],
+                [requests[i][1] for i in rows],
+                [drafts[i] for i in rows] if drafts else None,
+                [hints[i] for i in rows],
+            )
+            for i, trace in zip(rows, traces, strict=True):
+                out[i] = trace_text(self, trace, requests[i][1])
+                if self.drafts:
+                    self._drafts[keys[i]] = trace
         return out
+
+    def _generation_batches(
+        self,
+        requests: Sequence[tuple[str, GenerationSpec]],
+        prompts: dict[int, list[int]],
+        drafts: dict[int, list[int]],
+    ) -> Iterator[list[int]]:
+        """Request indices in forward-pass batches. Rows of a spec (a task, mostly) stay
+        together, longest first (they share a prompt prefix and need little padding), but a
+        batch may run on into the next spec's rows: each row ends by its own max_gen_toks
+        and stop strings, so a small chunk of several tasks fills one batch, not one each."""
+        group = {spec: g for g, spec in enumerate(dict.fromkeys(s for _, s in requests))}
+        # what a row feeds first: its prompt and all but the last token of its draft (see
+        # greedy_generate)
+        width = {i: len(p) + max(len(drafts.get(i, ())) - 1, 0) for i, p in prompts.items()}
+        order = sorted(prompts, key=lambda i: (group[requests[i][1]], -width[i], requests[i][0]))
+        for batch in self.split([(width[i], 1) for i in order]):
+            yield [order[j] for j in batch]
 
 
 def _batch_size(value: int | str) -> int | None:

@@ -19,15 +19,17 @@ out of the attention. Whatever a draft holds, the output is plain greedy decodin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from evomerge.errors import CandidateError
+from evomerge.eval.backends import GenerationSpec
 
 if TYPE_CHECKING:
-    from evomerge.eval.backends import GenerationSpec
+    from evomerge.eval.early_exit import ExactAnswers
     from evomerge.eval.hf_backend import HFBackend
 
 
@@ -98,14 +100,18 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 
 
 class _Ending:
-    """Greedy decoding's end rules, applied one token at a time to a row's trace (its
-    generated ids, plus the end-of-sequence id when one ended it)."""
+    """One row's end rules, applied one token at a time to its trace (its generated ids,
+    plus the end-of-sequence id when one ended it): greedy decoding's, and early exit once
+    the text can no longer become one of `answers` (then the row's score is 0 anyway)."""
 
-    def __init__(self, backend: HFBackend, spec: GenerationSpec) -> None:
+    def __init__(
+        self, backend: HFBackend, spec: GenerationSpec, answers: ExactAnswers | None = None
+    ) -> None:
         self.decode = backend.tokenizer.decode
         self.eos_ids = backend.eos_ids
         self.stops = [s for s in spec.until if s]
         self.max_gen_toks = spec.max_gen_toks
+        self.answers = answers if backend.early_exit else None
 
     def take(self, trace: list[int], tokens: Sequence[int]) -> bool:
         """Append tokens to the trace until the generation ends; True if it has ended."""
@@ -113,10 +119,55 @@ class _Ending:
             trace.append(t)
             if t in self.eos_ids or len(trace) >= self.max_gen_toks:
                 return True
-            # a stop string can span tokens, so the check is on the decoded text so far
-            if self.stops and _has_stop(self.decode(trace, skip_special_tokens=True), self.stops):
+            if not (self.stops or self.answers):
+                continue
+            # a stop string can span tokens, so the checks are on the decoded text so far
+            text = self.decode(trace, skip_special_tokens=True)
+            if self.stops and _has_stop(text, self.stops):
+                return True
+            if self.answers and not self.answers.could_match(settled_text(text), self.stops):
                 return True
         return False
+
+
+def settled_text(text: str) -> str:
+    """The part of a decoded trace that no later token can change, for a tokenizer that
+    `prefix_stable_decoding` accepts: all but trailing U+FFFD, which an incomplete UTF-8
+    sequence of byte tokens decodes to until its last byte arrives."""
+    return text.rstrip("\ufffd")
+
+
+# decoders (tokenizers library) that map a trace to text token by token, each token's text
+# fixed once the next token exists: longer traces only add text, apart from settled_text's
+_STABLE_DECODERS = ("ByteLevel", "ByteFallback", "Fuse", "Metaspace", "BPEDecoder")
+
+
+def prefix_stable_decoding(tokenizer: Any) -> bool:
+    """Whether decoding a longer trace keeps the settled text of a shorter one as a prefix,
+    which early exit relies on: a fast tokenizer, no clean-up of tokenization spaces (it
+    rewrites " ." as "." once the "." arrives) and a decoder known to only append."""
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    return _stable_decoder(json.loads(backend.to_str()).get("decoder"))
+
+
+def _stable_decoder(cfg: dict | None) -> bool:
+    if cfg is None:  # no decoder: tokens joined with spaces
+        return True
+    kind = cfg.get("type")
+    if kind == "Sequence":
+        return all(_stable_decoder(d) for d in cfg.get("decoders", []))
+    if kind == "Replace":  # a one-character pattern cannot span two tokens
+        pattern = cfg.get("pattern", {})
+        return isinstance(pattern.get("String"), str) and len(pattern["String"]) == 1
+    if kind == "Strip":  # trailing characters of the whole text would come and go
+        return not cfg.get("stop")
+    if kind in ("WordPiece", "CTC"):
+        return not cfg.get("cleanup")
+    return kind in _STABLE_DECODERS
 
 
 def trace_text(backend: HFBackend, trace: Sequence[int], spec: GenerationSpec) -> str:
@@ -130,32 +181,40 @@ def trace_text(backend: HFBackend, trace: Sequence[int], spec: GenerationSpec) -
 def greedy_generate(
     backend: HFBackend,
     prompts: Sequence[Sequence[int]],
-    spec: GenerationSpec,
+    spec: GenerationSpec | Sequence[GenerationSpec],
     drafts: Sequence[Sequence[int]] | None = None,
+    answers: Sequence[ExactAnswers | None] | None = None,
 ) -> list[list[int]]:
     """Generate greedily for a batch of token-id prompts; return each row's trace (the
-    generated ids, ending with the end-of-sequence id if one ended the row). `drafts`
-    (one per prompt, any length, possibly empty) only change how fast the result comes."""
+    generated ids, ending with the end-of-sequence id if one ended the row). `spec` is one
+    for all rows or one per row (rows end by their own max_gen_toks and stop strings).
+    `drafts` (one per prompt, any length, possibly empty) only change how fast the result
+    comes; `answers` (one per prompt, or None) let a row that can no longer score stop."""
     n = len(prompts)
+    specs = [spec] * n if isinstance(spec, GenerationSpec) else list(spec)
+    endings = [_Ending(backend, s, a) for s, a in zip(specs, answers or [None] * n, strict=True)]
     traces: list[list[int]] = [[] for _ in range(n)]
-    if spec.max_gen_toks < 1:
-        return traces
+    if any(e.max_gen_toks < 1 for e in endings):
+        raise ValueError("every row needs max_gen_toks >= 1")
     # A draft's last token is only checked, never fed: the model's prediction after it is
     # needed only if the whole draft is accepted and the row has not ended (a previous trace
-    # accepted whole always ends where it did), and then the decode loop feeds it anyway.
-    drafts = [list(d[: spec.max_gen_toks]) for d in drafts] if drafts else [[]] * n
+    # accepted whole mostly ends where it did), and then the decode loop feeds it anyway.
+    drafts = (
+        [list(d[: e.max_gen_toks]) for d, e in zip(drafts, endings, strict=True)]
+        if drafts
+        else [[]] * n
+    )
     # the verification logits (n, longest fed + 1, vocab) stay within the backend's budget
     most = max(backend.logits_budget // (n * backend.vocab_size) - 1, 0)
     fed = [d[:-1][:most] for d in drafts]
     seqs = [[*p, *f] for p, f in zip(prompts, fed, strict=True)]
     out, mask, last_pos = prefill(backend, seqs, max(len(f) for f in fed) + 1)
     preds = _row_predictions(out.logits, [len(f) for f in fed])
-    ending = _Ending(backend, spec)
     active, nxt, rejected = [], [], []
     for r in range(n):
         # greedy decoding makes the accepted draft tokens, then the model's own next one
         taken = preds[r][: _accepted(drafts[r], preds[r]) + 1]
-        if not ending.take(traces[r], taken):
+        if not endings[r].take(traces[r], taken):
             active.append(r)
             nxt.append(taken[-1])
             rejected.append(len(fed[r]) - (len(taken) - 1))
@@ -168,13 +227,13 @@ def greedy_generate(
     mask = mask[keep] * (torch.arange(width, device=mask.device) < width - rej[:, None])
     cache = _keep_rows(kv_cache(out), keep, n)
     nxt_t = torch.tensor(nxt, device=mask.device)
-    _decode(backend, ending, traces, active, (cache, mask, last_pos[keep] - rej, nxt_t))
+    _decode(backend, endings, traces, active, (cache, mask, last_pos[keep] - rej, nxt_t))
     return traces
 
 
 def _decode(
     backend: HFBackend,
-    ending: _Ending,
+    endings: list[_Ending],
     traces: list[list[int]],
     active: list[int],
     state: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -194,7 +253,7 @@ def _decode(
         still = [
             j
             for j, (r, t) in enumerate(zip(active, nxt.tolist(), strict=True))
-            if not ending.take(traces[r], [t])
+            if not endings[r].take(traces[r], [t])
         ]
         if not still:
             return

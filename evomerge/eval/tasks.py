@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from evomerge.errors import ConfigError
 from evomerge.eval.backends import GenerationSpec
+from evomerge.eval.early_exit import ExactAnswers, early_exit_blocker, exact_answers
 
 SPLITS = ("search", "heldout")
 LL_TYPES = ("loglikelihood", "multiple_choice")
@@ -26,7 +27,8 @@ class ProxyTask:
     """One lm-eval task, ready to be scored per document.
 
     name, metric (the task's first metric), higher_is_better, request_type ("loglikelihood"
-    or "generate_until"), doc_ids(split), requests(doc_id), score(doc_id, responses).
+    or "generate_until"), doc_ids(split), requests(doc_id), answers(doc_id) (early-exit
+    hints for a backend), score(doc_id, responses).
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class ProxyTask:
             "loglikelihood" if output_type in LL_TYPES else "generate_until"
         )
         self.metric, self.higher_is_better = _primary_metric(task, self.name)
+        # why this task's generations must run in full (None: they may stop early)
+        self.early_exit_blocker = early_exit_blocker(task)
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
         meta = task.get_config("metadata") or {}
@@ -66,6 +70,7 @@ class ProxyTask:
         self._splits = _assign_splits(self._docs, self.name, heldout_fraction, seed)
         self._instances: dict[int, list[Any]] | None = None
         self._requests: dict[int, list[Request]] = {}
+        self._answers: dict[int, list[ExactAnswers | None]] = {}
         self._chat_template: Callable | None = None
         if not self.wants_chat_template:
             self._build()
@@ -103,6 +108,17 @@ class ProxyTask:
                 "Evaluator (it applies the backend's template) or call set_chat_template()"
             )
         return self._requests[doc_id]
+
+    def answers(self, doc_id: int) -> list[ExactAnswers | None]:
+        """For each request of the document, the final texts that can score, or None: a
+        backend may stop a generation that can no longer become one (see early_exit)."""
+        hints = self._answers.get(doc_id)
+        if hints is None:
+            hint = None
+            if self.early_exit_blocker is None:
+                hint = exact_answers(self._task, self._docs[doc_id])
+            hints = self._answers[doc_id] = [hint] * len(self.requests(doc_id))
+        return hints
 
     def _build(self, tokenizer_name: str = "") -> None:
         task, chat = self._task, self._chat_template is not None

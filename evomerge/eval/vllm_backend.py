@@ -31,6 +31,8 @@ from evomerge.eval.backends import GenerationSpec
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.eval.early_exit import ExactAnswers
+
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "evomerge.eval.vllm_worker.WorkerExt"
@@ -201,8 +203,13 @@ class VllmBackend:
                 results.append(_score(tokens, out.prompt_logprobs, max(ctxlen, 1)))
         return results
 
-    def generate(self, requests: Sequence[tuple[str, GenerationSpec]]) -> list[str]:
-        """Greedy (or the spec's temperature) generation, cut before the first stop string."""
+    def generate(
+        self,
+        requests: Sequence[tuple[str, GenerationSpec]],
+        answers: Sequence[ExactAnswers | None] | None = None,
+    ) -> list[str]:
+        """Greedy (or the spec's temperature) generation, cut before the first stop string.
+        `answers` (early-exit hints) are ignored: every row is generated in full."""
         prompts, params = [], []
         for context, spec in requests:
             max_new = min(spec.max_gen_toks, self.max_length - 1)
