@@ -52,7 +52,7 @@ def export_study(
 ) -> ExportResult:
     """Export trial `trial` (default: best held-out) of the study in `study_dir` to `out`."""
     from evomerge.export_info import check_study_dir, pick_trial, scored_recipe
-    from evomerge.merge.io import check_out_dir
+    from evomerge.merge.writer import check_out_dir
     from evomerge.search.results import load_study_outcome
 
     study_dir = Path(study_dir)
@@ -208,7 +208,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename tmp to out_dir; an earlier export there is replaced only once tmp is complete."""
     import os
 
-    from evomerge.merge.io import check_out_dir
+    from evomerge.merge.writer import check_out_dir
 
     old = None
     if out_dir.exists():

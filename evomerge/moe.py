@@ -219,7 +219,8 @@ def build_moe(
     cfg: MoeConfig, out_dir: str | Path, *, device: str = "cpu", max_shard_bytes: int = 5 * 10**9
 ) -> Path:
     """Write the MoE checkpoint (config, shards, tokenizer of the base) into out_dir."""
-    from evomerge.merge.io import CheckpointWriter, torch_dtype
+    from evomerge.merge.io import torch_dtype
+    from evomerge.merge.writer import CheckpointWriter
     from evomerge.moe_router import gate_rows
 
     base, experts, shared = _open_all(cfg)

@@ -26,14 +26,14 @@ TESTS = Path(__file__).resolve().parent
 # move into place when stop_after < 0) it touches READY and sleeps, so the test kills it there
 MERGE_RUNNER = """
 import pathlib, sys, time
-import evomerge.merge.io as io
+import evomerge.merge.writer as writer
 from evomerge.cli import main
 ready, stop_after = pathlib.Path({ready!r}), {stop_after}
 count = [0]
 def pause():
     ready.write_text("x")
     time.sleep(600)
-add, move = io.CheckpointWriter.add, io.CheckpointWriter._move_into_place
+add, move = writer.CheckpointWriter.add, writer.CheckpointWriter._move_into_place
 def slow_add(self, name, tensor):
     add(self, name, tensor)
     count[0] += 1
@@ -43,7 +43,7 @@ def slow_move(self):
     if stop_after < 0:
         pause()
     move(self)
-io.CheckpointWriter.add, io.CheckpointWriter._move_into_place = slow_add, slow_move
+writer.CheckpointWriter.add, writer.CheckpointWriter._move_into_place = slow_add, slow_move
 sys.exit(main(["merge", {recipe!r}, {out!r}, "--no-progress"]))
 """
 
@@ -126,7 +126,7 @@ class _FullDisk:
 def test_disk_full_while_writing(tmp_path, tiny_model, monkeypatch, capsys, budget):
     import builtins
 
-    import evomerge.merge.io as io
+    import evomerge.merge.writer as writer
 
     recipe = write_recipe(tmp_path, tiny_model)
     left = [budget]
@@ -135,7 +135,7 @@ def test_disk_full_while_writing(tmp_path, tiny_model, monkeypatch, capsys, budg
         fh = builtins.open(file, mode, *args, **kwargs)
         return _FullDisk(fh, left) if "w" in mode else fh
 
-    monkeypatch.setattr(io, "open", full_open, raising=False)
+    monkeypatch.setattr(writer, "open", full_open, raising=False)
     capsys.readouterr()
     code = main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err

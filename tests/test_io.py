@@ -10,14 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evomerge.errors import ConfigError, MergeError
-from evomerge.merge.io import (
-    MARKER,
-    CheckpointWriter,
-    check_out_dir,
-    open_checkpoint,
-    parse_size,
-    resolve_model_path,
-)
+from evomerge.merge.io import MARKER, open_checkpoint, resolve_model_path
+from evomerge.merge.writer import CheckpointWriter, check_out_dir, parse_size
 
 
 def test_reader_matches_safetensors(tiny_model, read_tensors):
