@@ -1,9 +1,9 @@
 """The search loop: ask -> decode -> merge in place -> evaluate in chunks (prune) -> tell.
 
-The only module that wires search + merge + eval. One process = one worker: it loads the base
-model once into the evaluator's backend, keeps the task vectors resident in one CandidateMerger,
-and writes every candidate straight into the live weights. Several processes running the same
-command (same --study/--storage) share the study; see search/study.py for the budget rule.
+The only module that wires search + merge + eval. One process = one worker, scoring trials with
+one LiveWorkbench (workbench.py: the base loaded once, task vectors resident, every candidate
+written straight into the live weights). Several processes running the same command (same
+--study/--storage) share the study; see search/study.py for the budget rule.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from evomerge.errors import CandidateError, ConfigError, EvomergeError
 from evomerge.recipe import Recipe, dump_recipe
-from evomerge.search.baselines import baseline_trials, default_value
+from evomerge.search.baselines import baseline_trials
 from evomerge.search.objective import Objectives
 from evomerge.search.results import (
     SearchOutcome,
@@ -29,6 +29,7 @@ from evomerge.search.results import (
     ranked,
     spearman,
     status_text,
+    trial_line,
     write_csv,
     write_meta,
 )
@@ -49,8 +50,8 @@ from evomerge.search.study import (
     open_study,
     over_budget,
     storage_url,
-    trial_state,
 )
+from evomerge.workbench import LiveWorkbench
 
 __all__ = ["SearchOutcome", "cli_search", "cli_status", "load_study_outcome", "run_search"]
 
@@ -71,90 +72,6 @@ CSV_EVERY_S = 30.0  # trials.csv is refreshed this often during a search, and at
 
 class OverBudget(EvomergeError):
     """A worker asked for a trial when the budget was already taken by earlier trials."""
-
-
-class LiveWorkbench:
-    """Real merge + eval: one backend, one CandidateMerger, one Evaluator per process."""
-
-    def __init__(
-        self,
-        space: SearchSpace,
-        backend: str,
-        device: str,
-        chunks: Any,
-        seed: int,
-        heldout_fraction: float,
-        batch_size: int | str = 64,
-    ) -> None:
-        from evomerge.eval.backends import load_backend
-        from evomerge.eval.evaluator import Evaluator
-        from evomerge.eval.tasks import load_tasks
-        from evomerge.merge.candidate import CandidateMerger
-        from evomerge.merge.io import open_checkpoint
-
-        spec = space.spec
-        self.tasks = load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
-        self.task_names = [t.name for t in self.tasks]
-        self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
-        self.backend = load_backend(
-            backend, spec.base_model or spec.models[0], device=device, batch_size=batch_size
-        )
-        method = spec.methods[0]
-        stage = space.decode(space.encode(method, lambda s, c: default_value(s))).final
-        refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
-        sources = {str(r): open_checkpoint(r) for r in refs}
-        layers = spec.num_layers or _config_layers(sources[str(refs[-1])].config)
-        self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
-        self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
-        self._merged = False
-
-    @classmethod
-    def from_space(
-        cls, space: SearchSpace, backend: str | None = None, device: str | None = None
-    ) -> LiveWorkbench:
-        """The workbench a space's `eval:` section describes (arguments override it)."""
-        ecfg = space.spec.eval
-        return cls(
-            space,
-            backend or ecfg.get("backend", "hf"),
-            device or ecfg.get("device") or _default_device(),
-            ecfg.get("chunks", (16, 64, None)),
-            int(ecfg.get("seed", 0)),
-            float(ecfg.get("heldout_fraction", 0.5)),
-            ecfg.get("batch_size", 64),
-        )
-
-    def first_chunk_docs(self) -> int:
-        """Documents (all tasks) in the first evaluation chunk of the search split."""
-        size = self.evaluator.chunks[0]
-        return sum(len(t.doc_ids("search")[:size]) for t in self.tasks)
-
-    def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
-        if recipe is None and self._merged:
-            raise EvomergeError("the base model must be scored before the first merge")
-        try:
-            if recipe is not None:
-                self._merged = True
-                live = self.backend.live_tensors()
-                if live is not None:
-                    self.merger.apply(recipe.final, live)
-                else:
-                    self.backend.load_weights(self.merger.merged(recipe.final))
-            return self.evaluator.evaluate(split=split, on_chunk=on_chunk)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if "out of memory" in str(exc).lower():
-                raise CandidateError(f"out of memory: {str(exc).splitlines()[0]}") from exc
-            raise
-
-
-def _config_layers(config: dict) -> int:
-    return int(config.get("text_config", config).get("num_hidden_layers", 1))
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class _Reporter:
@@ -187,24 +104,6 @@ class _Reporter:
             self.trial.report(self.obj.values(means)[0], sum(s.n for s in partial.tasks.values()))
         self.pruned = self.trial.should_prune()
         return not self.pruned
-
-
-def _summary(recipe: Recipe, limit: int = 6) -> str:
-    """Short params text: per-model scalars and global scalars (lists shown as [k vals])."""
-    st = recipe.final
-    parts = [st.merge_method]
-
-    def fmt(v: Any) -> str:
-        return (
-            f"{v:.3g}"
-            if isinstance(v, float)
-            else (f"[{len(v)}]" if isinstance(v, list) else str(v))
-        )
-
-    for name in list(st.models[0].parameters)[:limit] if st.models else []:
-        parts.append(f"{name}=(" + ",".join(fmt(m.parameters.get(name)) for m in st.models) + ")")
-    parts += [f"{k}={fmt(v)}" for k, v in st.parameters.items()]
-    return " ".join(parts)
 
 
 def run_search(
@@ -371,7 +270,7 @@ def run_search(
             if time.time() - csv_at > CSV_EVERY_S:  # rewriting it costs O(trials): not per trial
                 write_csv(st, study_dir)
                 csv_at = time.time()
-            line = _trial_line(st, mine, time.time() - t0)
+            line = trial_line(st, mine, time.time() - t0)
             if line and " over_budget " not in line:
                 bar.update(round(min(budget(st), stop.total), 1) - bar.n if budget else 1)
                 if not quiet:
@@ -455,30 +354,6 @@ def _record_doc_ids(st: Any, wb: Any) -> None:
     ids = {t.name: {s: compress_ids(t.doc_ids(s)) for s in ("search", "heldout")} for t in tasks}
     if st.user_attrs.get("doc_ids") != ids:
         st.set_user_attr("doc_ids", ids)
-
-
-def _trial_line(st: Any, mine: dict, seconds: float) -> str:
-    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`."""
-    if "number" not in mine:
-        return ""
-    t = _get(st, mine["number"])
-    state = trial_state(t)
-    scores = " ".join(f"{k[6:]} {v:.3f}" for k, v in t.user_attrs.items() if k.startswith("proxy_"))
-    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
-    kind = t.user_attrs.get(FAIL_KIND, "")
-    what = _summary(mine["recipe"]) if mine.get("recipe") else kind
-    line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
-    if t.user_attrs.get("fail_reason"):
-        line += f" | {t.user_attrs['fail_reason']}"
-    top = ranked(st) if len(st.directions) == 1 else []
-    return line + (f" | best #{top[0].number} {top[0].value:.4f}" if top else "")
-
-
-def _get(st: Any, number: int) -> Any:
-    for t in st.get_trials(deepcopy=False):
-        if t.number == number:
-            return t
-    raise KeyError(number)
 
 
 def rescore_heldout(

@@ -22,7 +22,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.search.space import SearchSpace
-from evomerge.search.study import open_storage, storage_url, trial_state
+from evomerge.search.study import FAIL_KIND, open_storage, storage_url, trial_state
 
 META = "search.json"
 
@@ -219,3 +219,45 @@ def status_text(out: SearchOutcome, top: int = 20) -> str:
     for split, scores in out.base.items():
         lines.append(f"base ({split}): " + ", ".join(f"{t} {v:.4f}" for t, v in scores.items()))
     return "\n".join(lines)
+
+
+def summary(recipe: Recipe, limit: int = 6) -> str:
+    """Short params text: per-model scalars and global scalars (lists shown as [k vals])."""
+    st = recipe.final
+    parts = [st.merge_method]
+
+    def fmt(v: Any) -> str:
+        return (
+            f"{v:.3g}"
+            if isinstance(v, float)
+            else (f"[{len(v)}]" if isinstance(v, list) else str(v))
+        )
+
+    for name in list(st.models[0].parameters)[:limit] if st.models else []:
+        parts.append(f"{name}=(" + ",".join(fmt(m.parameters.get(name)) for m in st.models) + ")")
+    parts += [f"{k}={fmt(v)}" for k, v in st.parameters.items()]
+    return " ".join(parts)
+
+
+def trial_line(st: Any, mine: dict, seconds: float) -> str:
+    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`."""
+    if "number" not in mine:
+        return ""
+    t = _get(st, mine["number"])
+    state = trial_state(t)
+    scores = " ".join(f"{k[6:]} {v:.3f}" for k, v in t.user_attrs.items() if k.startswith("proxy_"))
+    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
+    kind = t.user_attrs.get(FAIL_KIND, "")
+    what = summary(mine["recipe"]) if mine.get("recipe") else kind
+    line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
+    if t.user_attrs.get("fail_reason"):
+        line += f" | {t.user_attrs['fail_reason']}"
+    top = ranked(st) if len(st.directions) == 1 else []
+    return line + (f" | best #{top[0].number} {top[0].value:.4f}" if top else "")
+
+
+def _get(st: Any, number: int) -> Any:
+    for t in st.get_trials(deepcopy=False):
+        if t.number == number:
+            return t
+    raise KeyError(number)

@@ -1,0 +1,99 @@
+"""LiveWorkbench: one worker's merge + evaluation, what the search loop scores trials with.
+
+It loads the base model once into the evaluator's backend, keeps the task vectors resident in
+one CandidateMerger and writes every candidate straight into the live weights (no disk per
+trial). It wires merge and eval only; the search (Optuna) is loop.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.errors import CandidateError, EvomergeError
+from evomerge.recipe import Recipe
+from evomerge.search.baselines import default_value
+from evomerge.search.space import SearchSpace
+
+
+class LiveWorkbench:
+    """Real merge + eval: one backend, one CandidateMerger, one Evaluator per process."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        backend: str,
+        device: str,
+        chunks: Any,
+        seed: int,
+        heldout_fraction: float,
+        batch_size: int | str = 64,
+    ) -> None:
+        from evomerge.eval.backends import load_backend
+        from evomerge.eval.evaluator import Evaluator
+        from evomerge.eval.tasks import load_tasks
+        from evomerge.merge.candidate import CandidateMerger
+        from evomerge.merge.io import open_checkpoint
+
+        spec = space.spec
+        self.tasks = load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
+        self.task_names = [t.name for t in self.tasks]
+        self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
+        self.backend = load_backend(
+            backend, spec.base_model or spec.models[0], device=device, batch_size=batch_size
+        )
+        method = spec.methods[0]
+        stage = space.decode(space.encode(method, lambda s, c: default_value(s))).final
+        refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
+        sources = {str(r): open_checkpoint(r) for r in refs}
+        layers = spec.num_layers or _config_layers(sources[str(refs[-1])].config)
+        self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
+        self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
+        self._merged = False
+
+    @classmethod
+    def from_space(
+        cls, space: SearchSpace, backend: str | None = None, device: str | None = None
+    ) -> LiveWorkbench:
+        """The workbench a space's `eval:` section describes (arguments override it)."""
+        ecfg = space.spec.eval
+        return cls(
+            space,
+            backend or ecfg.get("backend", "hf"),
+            device or ecfg.get("device") or _default_device(),
+            ecfg.get("chunks", (16, 64, None)),
+            int(ecfg.get("seed", 0)),
+            float(ecfg.get("heldout_fraction", 0.5)),
+            ecfg.get("batch_size", 64),
+        )
+
+    def first_chunk_docs(self) -> int:
+        """Documents (all tasks) in the first evaluation chunk of the search split."""
+        size = self.evaluator.chunks[0]
+        return sum(len(t.doc_ids("search")[:size]) for t in self.tasks)
+
+    def evaluate(self, recipe: Recipe | None, split: str = "search", on_chunk: Any = None) -> Any:
+        if recipe is None and self._merged:
+            raise EvomergeError("the base model must be scored before the first merge")
+        try:
+            if recipe is not None:
+                self._merged = True
+                live = self.backend.live_tensors()
+                if live is not None:
+                    self.merger.apply(recipe.final, live)
+                else:
+                    self.backend.load_weights(self.merger.merged(recipe.final))
+            return self.evaluator.evaluate(split=split, on_chunk=on_chunk)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if "out of memory" in str(exc).lower():
+                raise CandidateError(f"out of memory: {str(exc).splitlines()[0]}") from exc
+            raise
+
+
+def _config_layers(config: dict) -> int:
+    return int(config.get("text_config", config).get("num_hidden_layers", 1))
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
