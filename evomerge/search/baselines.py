@@ -18,8 +18,8 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import get_method
 from evomerge.recipe import evaluate_setting, load_recipe
+from evomerge.search.params import ParamSpec
 from evomerge.search.space import Cell, SearchSpace
-from evomerge.search.spec import ParamSpec
 
 Want = Callable[[ParamSpec, Cell], Any]
 

@@ -23,7 +23,8 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.recipe import FilterEntry, InputModel, MergeStage, ModelRef, Recipe
 from evomerge.search import simplex
-from evomerge.search.spec import ParamSpec, SpaceSpec, check_sampler, parse_space
+from evomerge.search.params import ParamSpec
+from evomerge.search.spec import SpaceSpec, check_sampler, parse_space
 
 STICK_SAMPLERS = ("cmaes", "gp")  # continuous optimizers: no redundant simplex dimension
 Cell = tuple[int | None, str | None, int | None]  # (model index, filter, layer group)
