@@ -244,7 +244,8 @@ def test_pruned_trials_tell_the_sampler_their_estimate(tmp_path: Path):
             sum(1 - (wk - tk) ** 2 - 0.02 for wk, tk in zip(w, (0.6, 0.3, 0.1), strict=True)) / 3
         )
         assert t.value == pytest.approx(expect)
-        assert t.number not in out.heldout
+        # held-out re-scoring: never for a pruned candidate, always for a pruned baseline
+        assert (t.number in out.heldout) == bool(t.user_attrs.get("baseline"))
     assert stopped[0].number not in {t.number for t in ranked(out.study)}
     assert trial_state(out.best_trial) == "COMPLETE"
     # a repeated proposal is answered from its twin, not evaluated again

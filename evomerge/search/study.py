@@ -29,7 +29,7 @@ def trial_state(trial: Any) -> str:
     """The state evomerge shows and ranks by: Optuna's, except "PRUNED" for a trial the pruner
     stopped. Such a trial is COMPLETE in Optuna, valued by its estimate from the documents it
     scored (Optuna's documented workaround, see loop.py): every sampler learns from it, and it
-    never ranks as best, is never re-scored on held-out and is never exported."""
+    never ranks as best and is never exported (only a baseline is re-scored on held-out)."""
     if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_AT):
         return "PRUNED"
     return trial.state.name
