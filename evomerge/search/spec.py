@@ -217,7 +217,7 @@ def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
     for t in tasks:
         if t.endswith((".yaml", ".yml")) and not os.path.isfile(t):
             raise ConfigError(f"{source}: tasks: task file '{t}' not found")
-    task_names = [n for t in tasks for n in _task_name(t)]
+    task_names = list(dict.fromkeys(n for t in tasks for n in _task_name(t)))  # stem == task
     spec = SpaceSpec(
         name=str(data.get("name") or Path(source).stem),
         source=source,
