@@ -122,7 +122,8 @@ def score_rows(outcome: SearchOutcome, trial: FrozenTrial) -> list[ScoreRow]:
         state = trial_state(t)
         if not label or t.number == trial.number or state not in ("COMPLETE", "PRUNED"):
             continue
-        name = _baseline_label(str(label)) + (" (pruned: partial)" if state == "PRUNED" else "")
+        pruned = " (pruned: search score partial)" if state == "PRUNED" else ""
+        name = _baseline_label(str(label)) + pruned
         rows.append(ScoreRow(name, _proxy(t), dict(held.get(t.number, {}).get("tasks", {}))))
     return rows
 
