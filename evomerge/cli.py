@@ -50,61 +50,78 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run (or resume) an Optuna study over merge recipes")
     s.add_argument("space", metavar="SPACE.yaml")
     s.add_argument("--study", default=None, help="study name (default: the space file's stem)")
-    s.add_argument("--n-trials", type=int, default=None)
+    s.add_argument("--n-trials", type=int, default=None, help="trial budget (default: the space's)")
     s.add_argument("--timeout", type=float, default=None, help="seconds")
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: results/NAME/)")
     s.add_argument("--sampler", default=None, choices=SAMPLERS)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None, help="sampler seed (default: the space's)")
     s.add_argument("--results", default="results", help="results folder (default: results)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: the space's or auto)")
-    s.add_argument("--backend", default=None, choices=["hf", "vllm"])
+    s.add_argument(
+        "--backend", default=None, choices=["hf", "vllm"], help="(default: the space's, else hf)"
+    )
     s.add_argument("--no-prune", action="store_true", help="evaluate every trial on all chunks")
 
     st = sub.add_parser("status", help="leaderboard of a study's trials so far")
     st.add_argument("study_dir", metavar="results/NAME")
-    st.add_argument("--storage", default=None)
-    st.add_argument("--top", type=int, default=20)
+    st.add_argument("--storage", default=None, help="Optuna storage URL (default: the study's)")
+    st.add_argument("--top", type=int, default=20, help="rows to show (default: 20)")
 
     e = sub.add_parser("export", help="export a trial as recipe, checkpoint, card and plots")
     e.add_argument("study_dir", metavar="results/NAME")
     e.add_argument("--trial", type=int, default=None, help="trial number (default: best held-out)")
     e.add_argument("--out", default=None, help="output folder (default: results/NAME/export)")
-    e.add_argument("--storage", default=None)
+    e.add_argument("--storage", default=None, help="Optuna storage URL (default: the study's)")
     e.add_argument("--no-checkpoint", action="store_true", help="skip writing merged weights")
-    e.add_argument("--push-to-hub", default=None, metavar="REPO")
+    e.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="upload the export (needs a login)"
+    )
 
     ev = sub.add_parser("eval", help="proxy-style evaluation of one model")
     ev.add_argument("model_dir", metavar="MODEL_DIR")
     ev.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths")
-    ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--split", default="heldout", choices=["search", "heldout", "all"])
-    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    ev.add_argument(
+        "--split",
+        default="heldout",
+        choices=["search", "heldout", "all"],
+        help="(default: heldout)",
+    )
+    ev.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="transformers or vLLM (default: hf)"
+    )
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ev.add_argument(
         "--batch-size", default="64", help="rows per forward pass, or 'auto' (hf: a token budget)"
     )
 
     lb = sub.add_parser("leaderboard", help="full lm-eval suite on a model, into its card")
     lb.add_argument("model_dir", metavar="MODEL_DIR")
-    lb.add_argument("--tasks", default="leaderboard")
-    lb.add_argument("--backend", default="hf", choices=["hf", "vllm"])
-    lb.add_argument("--limit", type=int, default=None)
-    lb.add_argument("--device", default=None)
+    lb.add_argument(
+        "--tasks", default="leaderboard", help="lm-eval tasks or group (default: leaderboard)"
+    )
+    lb.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="transformers or vLLM (default: hf)"
+    )
+    lb.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    lb.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
     z = sub.add_parser("zoo", help="build the tiny offline model zoo (idempotent)")
     z.add_argument("--out", default="zoo", help="output folder (default: zoo)")
-    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
 
     d = sub.add_parser("demo", help="zoo + search + export + card, on CPU, in minutes")
-    d.add_argument("--results", default="results")
-    d.add_argument("--zoo", default="zoo")
-    d.add_argument("--n-trials", type=int, default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--results", default="results", help="results folder (default: results)")
+    d.add_argument("--zoo", default="zoo", help="zoo folder, built if missing (default: zoo)")
+    d.add_argument(
+        "--n-trials", type=int, default=None, help="budget in full trials' documents (default: 40)"
+    )
+    d.add_argument("--seed", type=int, default=0, help="search seed (default: 0)")
 
     mo = sub.add_parser("moe", help="build a mixture-of-experts model from dense experts")
     mo.add_argument("config", metavar="CONFIG.yaml")
     mo.add_argument("out_dir", metavar="OUT_DIR")
-    mo.add_argument("--device", default="cpu")
+    mo.add_argument("--device", default="cpu", help="cpu or cuda for the router fit (default: cpu)")
     return p
 
 
