@@ -85,7 +85,7 @@ def test_to_planes_round_trip():
     assert torch.equal(_planes_value(planes), v.long())
 
 
-@pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 6, 5)])
+@pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 6, 5), (2000, 600)])  # last: 2 blocks
 def test_della_ranks_are_stable_ranks_along_dim_1(shape):
     x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(1)).float()
     got = _planes_value(sp.della_ranks(x.abs()))

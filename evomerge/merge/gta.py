@@ -180,15 +180,18 @@ def _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels) -> list[f
         units = [r.unit() for r in rows]
         u = torch.tensor(units, dtype=torch.float32, device=x.device)
         plain = Spec(None, False, False, spec.rows, spec.base)
-        before = rows[0].stat(
-            "before", lambda: kernels.masked_l1(plain, x, [], p, [], u), spec.rows, spec.base
-        )
-        if cache is not None and spec.kind == "random" and x.shape[1] >= DARE_HISTOGRAM_MIN:
-            o = 2 * len(rows) + 2  # DARE's keep argument k of row j is p[o + j]
-            ks = [int(v) for v in p[o : o + len(rows)].tolist()]
-            after = [_dare_kept_l1(r, ks[j], units[j], stats[j][0]) for j, r in enumerate(rows)]
+        if cache is None and not kernels.compiled:  # a disk merge: both norms in one pass
+            before, after = kernels.l1_before_after(spec, x, stats, p, firsts, u)
         else:
-            after = kernels.masked_l1(spec, x, stats, p, firsts, u)
+            before = rows[0].stat(
+                "before", lambda: kernels.masked_l1(plain, x, [], p, [], u), spec.rows, spec.base
+            )
+            if cache is not None and spec.kind == "random" and x.shape[1] >= DARE_HISTOGRAM_MIN:
+                o = 2 * len(rows) + 2  # DARE's keep argument k of row j is p[o + j]
+                ks = [int(v) for v in p[o : o + len(rows)].tolist()]
+                after = [_dare_kept_l1(r, ks[j], units[j], stats[j][0]) for j, r in enumerate(rows)]
+            else:
+                after = kernels.masked_l1(spec, x, stats, p, firsts, u)
         for j in todo:
             factors[j] = sp.rescale_factor(before[j], after[j], units[j])
             if cache is not None:

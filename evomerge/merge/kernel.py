@@ -250,6 +250,26 @@ class Kernels:
         for a, b in self._chunks(out.shape[0], out.device):
             out[a:b] = linear_entries(spec, x[:, a:b], p)
 
+    def l1_before_after(self, spec: Spec, x, stats, p, firsts: Sequence[int], units):
+        """Per row j: (sum over all entries, sum over kept entries) of round(|task vector j|
+        * units[j]), in one eager pass: what masked_l1 gives without and with the mask (the
+        mask multiplies by 1 or 0, so rounding then masking equals masking then rounding)."""
+        import torch
+
+        m = len(spec.rows)
+        before, after = [0.0] * m, [0.0] * m
+        for a, b in self._chunks(x.shape[1], x.device):
+            xs, st = x[:, a:b], _sl(stats, a, b)
+            base = xs[spec.base].to(torch.float32)
+            for j in range(m):
+                mag = (xs[spec.rows[j]].to(torch.float32) - base).abs_()
+                q = torch.round(mag * units[j])
+                before[j] += float(q.sum(dtype=torch.float64))
+                o = 2 * m + 2 + j * NKEEP[spec.kind]  # the mask reads |d| only, if anything
+                keep = _keep(spec.kind, mag, st[j], p, o, firsts, j, a)
+                after[j] += float(q.mul_(keep).sum(dtype=torch.float64))
+        return before, after
+
     def masked_l1(self, spec: Spec, x, stats, p, firsts: Sequence[int], units) -> list[float]:
         """Per row j: sum of round(|kept entries of task vector j| * units[j]) (exact)."""
         if self.compiled:

@@ -101,18 +101,22 @@ def to_planes(v: torch.Tensor) -> torch.Tensor:
 def draws(seed: int, tensor_name: str, row: int, numel: int, device) -> torch.Tensor:
     """16-bit uniform draws keyed by (seed, tensor name, row): (2, numel) uint8 [hi, lo].
 
-    A generator seeded from sha256 of the key makes the draws independent of the order in
-    which tensors are processed and of anything drawn before.
+    A PCG64 generator seeded from sha256 of the key makes the draws independent of the order
+    in which tensors are processed, of anything drawn before and of the device (they are
+    drawn on the CPU): every byte is uniform and independent, so the two planes are two
+    uniform bytes per entry. numpy's full-range 64-bit draws cost ~0.75 ns per entry here,
+    torch's CPU generator ~5 ns (measured on 2**25 entries).
     """
+    import numpy as np
     import torch
 
     key = f"{seed}:{tensor_name}:{row}".encode()
-    g_seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(g_seed)
-    raw = torch.empty(numel, dtype=torch.int16, device=device)
-    raw.random_(-(2**15), 2**15, generator=gen)  # every 16-bit pattern equally likely
-    return to_planes(raw)
+    rng = np.random.Generator(
+        np.random.PCG64(int.from_bytes(hashlib.sha256(key).digest(), "little"))
+    )
+    words = rng.integers(0, 2**64, size=(2 * numel + 7) // 8, dtype=np.uint64)
+    planes = words.astype("<u8", copy=False).view(np.uint8)[: 2 * numel].reshape(2, numel)
+    return torch.from_numpy(planes).to(device)
 
 
 def della_ranks(mag: torch.Tensor) -> torch.Tensor:
@@ -131,15 +135,32 @@ def della_ranks(mag: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty(rows.shape, dtype=torch.int32, device=mag.device)
     pos = torch.arange(n_cols, dtype=torch.int32, device=mag.device)
     step = max(1, _RANK_BLOCK // n_cols)
+    cols = torch.arange(n_cols, dtype=torch.int64, device=mag.device)
     for r0 in range(0, rows.shape[0], step):
         blk = rows[r0 : r0 + step]
-        order = torch.argsort(blk.view(torch.int32), dim=1, stable=True)
-        ranks[r0 : r0 + step].scatter_(1, order, pos.expand(blk.shape[0], -1))
+        ranks[r0 : r0 + step].scatter_(1, _stable_order(blk, cols), pos.expand(blk.shape[0], -1))
     if mag.dim() > 2:  # back to mag's layout
         ranks = ranks.view(work.shape).movedim(-1, 1).contiguous()
     if n_cols > 1 << 16:
         return ranks.reshape(1, -1)
     return to_planes(ranks)
+
+
+def _stable_order(blk: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order of a stable ascending sort of blk (float32 >= 0), int64.
+
+    On the CPU: keys (bit pattern << 32 | column) are distinct and order like a stable sort,
+    so an unstable sort of the keys is enough, and numpy sorts 64-bit integers with SIMD
+    sorting networks: 11 ns per entry against torch's stable argsort's 36 (rows of 576, one
+    thread, measured here).
+    """
+    import torch
+
+    if blk.device.type != "cpu":
+        return torch.argsort(blk.view(torch.int32), dim=1, stable=True)
+    keys = (blk.view(torch.int32).to(torch.int64) << 32) | cols
+    keys.numpy().sort(axis=1)  # in place, shared memory
+    return keys.bitwise_and_(0xFFFFFFFF)
 
 
 # ---- rescale -------------------------------------------------------------------------------------
