@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval_support import build_tiny_model, write_jsonl
+from test_eval_support import build_tiny_model, write_task
 
 from evomerge.eval.backends import GenerationSpec
 from evomerge.eval.early_exit import ExactAnswers, committed_prefix
@@ -137,27 +137,6 @@ def test_decoders_that_rewrite_earlier_text_turn_early_exit_off():
 
 
 # ---------------------------------------------------------------------- task configs
-GEN = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: {target}
-target_delimiter: ""
-generation_kwargs:
-  until: {until}
-  max_gen_toks: 8
-  do_sample: false
-metric_list:
-  - metric: {metric}
-    aggregation: mean
-    higher_is_better: true
-{options}{extra}"""
-
-
 def filter_list(*steps: str) -> str:
     """A one-pipeline filter_list; each step is a function name plus any YAML fields."""
     lines = ["filter_list:", "  - name: f", "    filter:"]
@@ -190,13 +169,10 @@ CONFIGS = {
 
 
 def write_gen_task(folder: Path, name: str, records: list[dict], **fields: str) -> Path:
-    fmt = {"target": '"{{answer}}"', "until": '["\\n"]', "metric": "exact_match"}
-    fmt |= {"options": "", "extra": ""} | fields
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(GEN.format(name=name, **fmt))
     (folder / "utils.py").write_text(UTILS)
-    write_jsonl(folder / "data" / f"{name}.jsonl", records)
-    return folder / f"{name}.yaml"
+    delimiter = 'target_delimiter: ""\n'
+    return write_task(folder, name, "gen", records, max_gen_toks=8, delimiter=delimiter, **fields)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -210,7 +186,7 @@ def test_task_config_decides(tmp_path, name):
 
 
 def test_other_metrics_and_output_types_generate_in_full(tmp_path):
-    from test_eval_support import mc_records, write_task
+    from test_eval_support import mc_records
 
     recs = [{"question": "q", "answer": "1"}]
     gen = write_gen_task(tmp_path, "bleu_task", recs, metric="bleu")

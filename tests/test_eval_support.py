@@ -57,16 +57,16 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["{stop}"]
+doc_to_target: {target}
+{delimiter}generation_kwargs:
+  until: {until}
   max_gen_toks: {max_gen_toks}
   do_sample: false
 metric_list:
-  - metric: exact_match
+  - metric: {metric}
     aggregation: mean
     higher_is_better: true
-"""
+{options}{extra}"""
 
 MC_YAML = """task: {name}
 dataset_path: json
@@ -109,7 +109,13 @@ def write_task(folder: Path, name: str, kind: str, records: list[dict], **fmt) -
     """Write folder/name.yaml and folder/data/name.jsonl; return the YAML path."""
     folder.mkdir(parents=True, exist_ok=True)
     template = GEN_YAML if kind == "gen" else MC_YAML
-    fmt = {"stop": "\\n", "max_gen_toks": 6, **fmt}
+    fmt = {
+        "stop": "\\n",
+        "max_gen_toks": 6,
+        "target": '"{{answer}}"',
+        "metric": "exact_match",
+    } | fmt
+    fmt = {"delimiter": "", "options": "", "extra": "", "until": f'["{fmt["stop"]}"]'} | fmt
     path = folder / f"{name}.yaml"
     path.write_text(template.format(name=name, **fmt))
     write_jsonl(folder / "data" / f"{name}.jsonl", records)
