@@ -109,6 +109,11 @@ def _keep(kind: str, d, st: Sequence, p, o: int, firsts, j: int, a: int):
     raise ValueError(f"unknown mask kind {kind!r}")
 
 
+def _keep_offset(spec: Spec, j: int) -> int:
+    """Where row j's keep arguments start in p (see the layout above)."""
+    return 2 * len(spec.rows) + 2 + j * NKEEP[spec.kind]
+
+
 def _masked_delta(spec: Spec, x, j: int, stats, p, firsts, a: int):
     """Task vector j (float32), times its keep-mask: dropped entries become +-0 (IEEE)."""
     import torch
@@ -116,7 +121,7 @@ def _masked_delta(spec: Spec, x, j: int, stats, p, firsts, a: int):
     d = x[spec.rows[j]].to(torch.float32) - x[spec.base].to(torch.float32)
     if spec.kind is None:
         return d
-    o = 2 * len(spec.rows) + 2 + j * NKEEP[spec.kind]
+    o = _keep_offset(spec, j)
     return d * _keep(spec.kind, d, stats[j], p, o, firsts, j, a)
 
 
@@ -265,7 +270,7 @@ class Kernels:
                 mag = (xs[spec.rows[j]].to(torch.float32) - base).abs_()
                 q = torch.round(mag * units[j])
                 before[j] += float(q.sum(dtype=torch.float64))
-                o = 2 * m + 2 + j * NKEEP[spec.kind]  # the mask reads |d| only, if anything
+                o = _keep_offset(spec, j)  # the mask reads |d| only, if anything
                 keep = _keep(spec.kind, mag, st[j], p, o, firsts, j, a)
                 after[j] += float(q.mul_(keep).sum(dtype=torch.float64))
         return before, after
