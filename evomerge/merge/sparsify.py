@@ -124,8 +124,7 @@ def della_ranks(mag: torch.Tensor) -> torch.Tensor:
     a stable ascending sort, flat in mag's order: (2, n) uint8 planes, or (1, n) int32 for
     rows longer than 65536.
 
-    Rows are sorted a block at a time (bounded temporaries) on the int32 bit patterns of
-    the magnitudes, which order like the values and sort about 1.5x faster than floats.
+    Rows are sorted a block at a time (bounded temporaries); see _stable_order.
     """
     import torch
 
