@@ -83,8 +83,9 @@ def make_sampler(
     space.use_sampler(name)
     if name == "dirichlet":
         groups = [g for m in space.spec.methods for g in space.simplex_groups(m)]
-        check_options("dirichlet", _dirichlet_sampler_cls(), options, {"groups", "seed"})
-        return _dirichlet_sampler_cls()(groups, seed=seed, **(options or {}))
+        dirichlet = _dirichlet_sampler_cls()
+        check_options("dirichlet", dirichlet, options, {"groups", "seed"})
+        return dirichlet(groups, seed=seed, **(options or {}))
     if name not in SAMPLER_CLASSES:
         raise ConfigError(f"unknown sampler '{name}'")
     cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
