@@ -47,6 +47,9 @@ class LiveWorkbench:
         sources = {str(r): open_checkpoint(r) for r in refs}
         layers = spec.num_layers or _config_layers(sources[str(refs[-1])].config)
         self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
+        pack = getattr(self.backend, "pack_live", None)  # optional: see HFBackend.pack_live
+        if pack is not None:
+            pack(self.merger.tensor_names)
         self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
         self._merged = False
 

@@ -3,9 +3,10 @@
     python scripts/bench_merge.py [--base DIR] [--methods linear,ties,dare_ties,della] [--skip-b]
 
 (a) `evomerge merge` vs `mergekit-yaml`: wall time and peak RSS of each CLI process.
-(b) one in-place candidate (CandidateMerger.apply into live fp32 parameters, inputs and mask
-    statistics resident) vs mergekit's in-process `run_merge` (imports excluded); the first
-    candidate, which also computes the statistics and compiles the kernels, is shown apart.
+(b) one in-place candidate (CandidateMerger.apply into live fp32 parameters packed in one buffer,
+    as the search's workbench lays them out; inputs and mask statistics resident) vs mergekit's
+    in-process `run_merge` (imports excluded); the first candidate, which also computes the
+    statistics and compiles the kernels, is shown apart.
 (c) in-place throughput as a fraction of this machine's memory bandwidth (a large copy):
     bytes of the inputs as they are held (bf16 here) plus the fp32 output, per second.
 
@@ -158,8 +159,6 @@ print(time.perf_counter() - t0)
 
 
 def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int = 3) -> dict:
-    import torch
-
     from evomerge.merge.candidate import CandidateMerger
     from evomerge.merge.io import open_checkpoint
     from evomerge.recipe import parse_recipe, stage_models
@@ -171,7 +170,7 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int =
         first = readers[str(stage_models(stage)[0])]
         n_layers = first.config["num_hidden_layers"]
         merger = CandidateMerger(stage, readers, num_layers=n_layers, threads=threads)
-        target = {n: torch.empty(first.shape(n)) for n in merger.tensor_names}
+        target = merger.packed_target()  # fp32, one buffer: as HFBackend.pack_live lays it
         t0 = time.perf_counter()
         merger.apply(stage, target)  # also computes the mask statistics, compiles kernels
         t_first = time.perf_counter() - t0

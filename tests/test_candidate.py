@@ -12,7 +12,7 @@ from evomerge.merge.arch import gradient_t
 from evomerge.merge.candidate import CandidateMerger
 from evomerge.merge.kernel import compile_available
 from evomerge.merge.resolve import merge_tensor
-from evomerge.recipe import InputModel, MergeStage, ModelRef
+from evomerge.recipe import FilterEntry, InputModel, MergeStage, ModelRef
 
 LAYERS = 3
 NAMES = [
@@ -195,3 +195,88 @@ def test_dare_norm_from_the_histogram_equals_the_pass(sources, monkeypatch):
         for name, x in merger.merged(st):
             assert torch.equal(x, want[name]), name
         assert any(k[0] == "dare_l1" for k in merger.cache._store)
+
+
+class CountingKernels:
+    """Wraps a merger's Kernels, counting the fused kernel calls and the entries they cover."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.compiled = inner.compiled
+
+    def linear(self, spec, out, x, p):
+        self.calls.append(out.numel())
+        self.inner.linear(spec, out, x, p)
+
+    def gta(self, spec, out, x, stats, p, firsts):
+        self.calls.append(out.numel())
+        self.inner.gta(spec, out, x, stats, p, firsts)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+RUN_CASES = [  # (method, params, kernel calls into a packed target)
+    ("linear", {"weight": 0.3}, 1),  # scalars: the whole model in one call
+    ("task_arithmetic", {"weight": 0.4, "lambda": 1.3}, 1),
+    # a gradient: t = 0 for the embedding and layer 0 (one run), then each tensor apart
+    # (up_proj 1, 2; norms 0, 1, 2 -- norm 0 is not next to up_proj 0; lm_head at t = 0)
+    ("linear", {"weight": [1.0, 0.1]}, 7),
+    ("ties", {"weight": 0.5, "density": 0.5}, len(NAMES)),  # per-tensor cuts: no runs
+]
+
+
+@pytest.mark.parametrize(("method", "params", "calls"), RUN_CASES)
+def test_packed_target_merges_runs_in_one_call(sources, method, params, calls):
+    st = _stage(method, params)
+    want = _disk(st, sources)
+    for packed, expected in ((True, calls), (False, len(NAMES))):
+        merger = CandidateMerger(st, sources, num_layers=LAYERS)
+        merger.kernels = counting = CountingKernels(merger.kernels)
+        target = merger.packed_target() if packed else {n: torch.empty(_shape(n)) for n in NAMES}
+        for _ in range(2):  # the second candidate reuses every buffer
+            counting.calls.clear()
+            merger.apply(st, target)
+            assert len(counting.calls) == expected, (method, packed)
+            assert sum(counting.calls) == sum(math.prod(_shape(n)) for n in NAMES)
+            for name in NAMES:
+                assert torch.equal(target[name], want[name]), (method, packed, name)
+
+
+def test_runs_stop_at_a_target_gap_and_at_a_parameter_change(sources):
+    st = _stage("linear", {"weight": 0.3})
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    merger.kernels = counting = CountingKernels(merger.kernels)
+    target = merger.packed_target()
+    target[NAMES[3]] = target[NAMES[3]].clone()  # no longer inside the buffer
+    merger.apply(st, target)
+    assert len(counting.calls) == 3  # before it, itself, after it
+    want = _disk(st, sources)
+    assert all(torch.equal(target[n], want[n]) for n in NAMES)
+    by_filter = [FilterEntry("norm", 0.9), FilterEntry(None, 0.3)]
+    filtered = _stage("linear", {"weight": 0.3}, [{"weight": by_filter}, {}, {}])
+    counting.calls.clear()
+    target = merger.packed_target()
+    merger.apply(filtered, target)
+    assert len(counting.calls) == 3  # embed + up_proj, the norms, lm_head
+    want = _disk(filtered, sources)
+    assert all(torch.equal(target[n], want[n]) for n in NAMES)
+
+
+@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
+def test_compiled_run_over_bf16_inputs_equals_disk_path(bf16_sources):
+    st = _stage("linear", {"weight": 0.3})
+    merger = CandidateMerger(st, bf16_sources, num_layers=LAYERS, compiled=True)
+    merger.kernels = counting = CountingKernels(merger.kernels)
+    target = merger.packed_target()
+    merger.apply(st, target)
+    assert len(counting.calls) == 1
+    want = _disk(st, bf16_sources)
+    assert all(torch.equal(target[n], want[n]) for n in NAMES)
+
+
+def test_linear_weights_summing_to_zero_name_a_tensor_in_a_run(sources):
+    st = _stage("linear", {"weight": 0.0})
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight': linear weights sum to 0"):
+        merger.apply(st, merger.packed_target())

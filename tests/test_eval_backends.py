@@ -262,3 +262,23 @@ def test_load_backend_errors(model_dir, tmp_path):
         load_backend("hf", tmp_path)
     with pytest.raises(ConfigError, match="max_gen_toks"):
         HFBackend(model_dir).generate([("a", GenerationSpec(max_gen_toks=500))])
+
+
+def test_pack_live_lays_parameters_out_in_order_and_keeps_outputs(model_dir):
+    be = HFBackend(model_dir, device="cpu", batch_size=3)
+    before = be.loglikelihood(REQS)
+    names = list(be.live_tensors())
+    order = ["model.norm.weight", "no.such.tensor", *names[::-1]]
+    be.pack_live(order)
+    live = be.live_tensors()
+    storages = {t.untyped_storage().data_ptr() for t in live.values()}
+    assert len(storages) == 1  # one buffer
+    laid = sorted(live, key=lambda n: live[n].storage_offset())
+    assert laid == [n for n in dict.fromkeys(order) if n in live]
+    offset = 0
+    for name in laid:  # back to back, in order
+        assert live[name].storage_offset() == offset
+        offset += live[name].numel()
+    emb = be.model.get_input_embeddings().weight
+    assert emb.data_ptr() == be.model.get_output_embeddings().weight.data_ptr()  # still tied
+    assert be.loglikelihood(REQS) == before

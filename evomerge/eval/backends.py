@@ -44,7 +44,9 @@ class Backend(Protocol):
 
     def live_tensors(self) -> dict[str, torch.Tensor] | None:
         """Writable parameters keyed by checkpoint tensor names (tied weights appear once),
-        or None when weights must be pushed with `load_weights`."""
+        or None when weights must be pushed with `load_weights`. A backend may also offer
+        `pack_live(order)`: lay its parameters out consecutively in that tensor order, so
+        in-place merges write runs of tensors at once (HFBackend does)."""
         ...
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

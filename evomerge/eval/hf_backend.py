@@ -148,6 +148,34 @@ class HFBackend:
         return self._live
 
     @torch.no_grad()
+    def pack_live(self, order: Sequence[str]) -> None:
+        """Move the float32 parameters into one buffer per device, those named in `order`
+        first and in that order (the rest follow): a CandidateMerger whose tensor order this
+        is then writes every run of tensors merged with equal parameters in one kernel call
+        (see CandidateMerger.apply). Same values, new storage; tied weights stay tied.
+        On CUDA only when free memory holds the new buffer beside the old parameters."""
+        params = [p for p in self.model.parameters() if p.dtype == torch.float32]
+        by_name = dict(self.model.named_parameters())
+        rank: dict[str, int] = {}
+        for name in order:
+            rank.setdefault(name, len(rank))
+        first = {id(p): rank.get(n, len(rank)) for n, p in by_name.items()}
+        params.sort(key=lambda p: first.get(id(p), len(rank)))  # stable: model order after
+        for device in {p.device for p in params}:
+            group = [p for p in params if p.device == device]
+            total = sum(p.numel() for p in group)
+            if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 1.1 * 4 * total:
+                continue
+            flat = torch.empty(total, dtype=torch.float32, device=device)
+            a = 0
+            for p in group:
+                b = a + p.numel()
+                flat[a:b].view(p.shape).copy_(p.data)
+                p.data = flat[a:b].view(p.shape)
+                a = b
+        self._live = None
+
+    @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         live = self.live_tensors()
         everything = None

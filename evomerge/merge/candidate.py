@@ -15,12 +15,14 @@ memoizes data-only values computed by the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from evomerge.errors import ConfigError, MergeError, did_you_mean
 from evomerge.merge.arch import gradient_t
-from evomerge.merge.registry import get_method
+from evomerge.merge.registry import MergeInputs, Method, get_method
 from evomerge.merge.resolve import base_index, input_refs, inputs_for_rows
 
 if TYPE_CHECKING:
@@ -50,6 +52,18 @@ def _writable(t: torch.Tensor | None, shape, device) -> torch.Tensor | None:
         and tuple(t.shape) == tuple(shape)
     )
     return t if ok else None
+
+
+def _scalar_params(stage: MergeStage) -> bool:
+    """True when no parameter is a gradient or a filter list: every tensor resolves alike."""
+    blocks = [stage.parameters, *(m.parameters for m in stage.models)]
+    return not any(isinstance(v, list) for block in blocks for v in block.values())
+
+
+def _param_key(inputs: MergeInputs) -> tuple:
+    """Equal for tensors that resolved to the same parameters (NaN equals NaN)."""
+    model = tuple((k, v.numpy().tobytes()) for k, v in sorted(inputs.model_params.items()))
+    return tuple(sorted((k, repr(v)) for k, v in inputs.params.items())), model
 
 
 class CandidateMerger:
@@ -86,7 +100,7 @@ class CandidateMerger:
         first = sources[self._keys[0 if bi is None else bi]]
         names = list(first.keys()) if tensor_names is None else list(tensor_names)
         self.device = device
-        self._rows = {name: self._load(name, sources) for name in names}  # (n, *shape) each
+        self._rows = self._load(names, sources)  # (n, *shape) each, views of self._flat
         self._t = {name: gradient_t(name, num_layers) for name in names}
         self._deltas: dict[str, torch.Tensor] = {}
         self.cache = SparsifyCache()
@@ -101,27 +115,59 @@ class CandidateMerger:
     def tensor_names(self) -> list[str]:
         return list(self._rows)
 
-    def _load(self, name: str, sources: Mapping[str, TensorSource]) -> torch.Tensor:
+    def _meta(self, name: str, sources: Mapping[str, TensorSource]) -> tuple[tuple, object]:
+        """(shape, resident dtype) of tensor `name`, the same in every model (else MergeError)."""
         import torch
 
-        tensors = []
+        shapes, dtypes = [], []
         for key in self._keys:
+            src = sources[key]
             try:
-                tensors.append(sources[key].get_tensor(name))
-            except KeyError:
+                if hasattr(src, "shape") and hasattr(src, "dtype"):  # CheckpointReader: no read
+                    shape, dtype = tuple(src.shape(name)), src.dtype(name)
+                else:
+                    t = src.get_tensor(name)
+                    shape, dtype = tuple(t.shape), t.dtype
+            except (KeyError, MergeError):
                 raise MergeError(f"model '{key}' has no tensor '{name}'") from None
-        shapes = {tuple(x.shape) for x in tensors}
-        if len(shapes) > 1:
-            pairs = zip(self._keys, tensors, strict=True)
-            got = ", ".join(f"{k}: {tuple(x.shape)}" for k, x in pairs)
+            shapes.append(shape)
+            dtypes.append(dtype)
+        if len(set(shapes)) > 1:
+            got = ", ".join(f"{k}: {s}" for k, s in zip(self._keys, shapes, strict=True))
             raise MergeError(f"tensor '{name}' has different shapes across models: {got}")
-        dtypes = {x.dtype for x in tensors}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float32
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dtype = torch.float32
-        rows = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype, device=self.device)
-        for i, x in enumerate(tensors):
-            rows[i].copy_(x)  # one copy per input; the source may be mmapped
+        return shapes[0], dtype
+
+    def _load(self, names: list[str], sources: Mapping[str, TensorSource]) -> dict:
+        """Every tensor's stacked inputs, as views of one (n_inputs, entries) buffer per dtype:
+        consecutive tensors are consecutive columns, so an elementwise method merges a run of
+        tensors with equal parameters as one flat tensor (see _runs)."""
+        import torch
+
+        metas = {name: self._meta(name, sources) for name in names}  # checks before loading
+        totals: dict = {}
+        spans = {}
+        for name, (shape, dtype) in metas.items():
+            a = totals.get(dtype, 0)
+            totals[dtype] = b = a + math.prod(shape)
+            spans[name] = (dtype, a, b)
+        self._spans = spans
+        n = len(self._keys)
+        self._flat = {
+            dt: torch.empty((n, total), dtype=dt, device=self.device)
+            for dt, total in totals.items()
+        }
+        rows = {}
+        for name, (dtype, a, b) in spans.items():
+            r = rows[name] = self._flat[dtype][:, a:b].view(n, *metas[name][0])
+            for i, key in enumerate(self._keys):
+                src = sources[key]
+                if hasattr(src, "read_into"):  # straight from the file into the row
+                    src.read_into(name, r[i])
+                else:
+                    r[i].copy_(src.get_tensor(name))
         return rows
 
     def _check(self, stage: MergeStage) -> None:
@@ -134,11 +180,14 @@ class CandidateMerger:
 
     def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
         """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
-        return self._merge(stage, {})
+        for names, merged in self._merge(stage, {}):
+            yield names[0], merged
 
     def _merge(
         self, stage: MergeStage, target: Mapping[str, torch.Tensor]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(names, merged) per merge call: one tensor, or a run of them written into target
+        as one flat tensor (see _runs)."""
         import torch
 
         from evomerge.merge.methods import task_vectors
@@ -146,28 +195,88 @@ class CandidateMerger:
 
         self._check(stage)
         method = get_method(stage.merge_method)
+        with intra_op_threads(self.threads if method.fused else torch.get_num_threads()):
+            for names, inputs in self._runs(stage, method, target):
+                inputs.kernels = self.kernels
+                if method.task_vectors and not method.fused and inputs.base is not None:
+                    deltas = self._deltas.get(names[0])
+                    if deltas is None:
+                        deltas = self._deltas[names[0]] = task_vectors(inputs)
+                    inputs.deltas = deltas
+                inputs.cache = self.cache
+                inputs.scratch = self._scratch
+                yield names, method.fn(inputs)
+
+    def _runs(
+        self, stage: MergeStage, method: Method, target: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[list[str], MergeInputs]]:
+        """Each merge call's tensor names and inputs. For an elementwise fused method,
+        consecutive tensors resolved to equal parameters whose targets are consecutive in
+        one float32 buffer form one call on the flat columns: with scalar parameters and a
+        packed target (LiveWorkbench packs the model), a whole model in one kernel call."""
+        batch = method.fused and method.elementwise and bool(target)
+        uniform = batch and _scalar_params(stage)  # every tensor resolves the same
+        run: list[str] = []
+        key, resolved = None, None
         for name, rows in self._rows.items():
+            if uniform and resolved is not None:
+                inputs, k = resolved, key
+            else:
+                inputs = inputs_for_rows(stage, name, rows, self._t[name])
+                k = _param_key(inputs) if batch else None
+            if run and batch and k == key and self._follows(run[-1], name, target):
+                run.append(name)
+                continue
+            if run:
+                yield run, self._joined(run, resolved, method, target)
+            run, key, resolved = [name], k, inputs
+        if run:
+            yield run, self._joined(run, resolved, method, target)
+
+    def _follows(self, prev: str, name: str, target: Mapping[str, torch.Tensor]) -> bool:
+        """Whether `name` continues `prev`: next columns of the same flat inputs, and next
+        entries of the same float32 target storage."""
+        (dt0, _, b0), (dt1, a1, _) = self._spans[prev], self._spans[name]
+        if dt0 != dt1 or b0 != a1:
+            return False
+        t0 = _writable(target.get(prev), self._rows[prev].shape[1:], self._rows[prev].device)
+        t1 = _writable(target.get(name), self._rows[name].shape[1:], self._rows[name].device)
+        return (
+            t0 is not None
+            and t1 is not None
+            and t0.untyped_storage().data_ptr() == t1.untyped_storage().data_ptr()
+            and t1.storage_offset() == t0.storage_offset() + t0.numel()
+        )
+
+    def _joined(
+        self, run: list[str], inputs: MergeInputs, method: Method, target: Mapping
+    ) -> MergeInputs:
+        """inputs over the run's rows: one tensor's own (float32 unless the method is
+        fused), or the run's flat columns."""
+        import torch
+
+        first = run[0]
+        if len(run) == 1:
+            rows = self._rows[first]
             if not method.fused and rows.dtype != torch.float32:
                 rows = rows.to(torch.float32)
-            inputs = inputs_for_rows(stage, name, rows, self._t[name])
-            inputs.kernels = self.kernels
-            if method.task_vectors and not method.fused and inputs.base is not None:
-                deltas = self._deltas.get(name)
-                if deltas is None:
-                    deltas = self._deltas[name] = task_vectors(inputs)
-                inputs.deltas = deltas
-            inputs.cache = self.cache
-            inputs.scratch = self._scratch
-            inputs.out = _writable(target.get(name), rows.shape[1:], rows.device)
-            with intra_op_threads(self.threads if method.fused else torch.get_num_threads()):
-                merged = method.fn(inputs)
-            yield name, merged
+            out = _writable(target.get(first), rows.shape[1:], rows.device)
+        else:
+            dtype, a, _ = self._spans[first]
+            b = self._spans[run[-1]][2]
+            rows = self._flat[dtype][:, a:b]
+            out = torch.as_strided(target[first], (b - a,), (1,))
+        bi = inputs.base_index
+        base = None if bi is None else rows[bi]
+        return replace(inputs, tensor_name=first, models=rows, base=base, out=out)
 
     def apply(self, stage: MergeStage, target: Mapping[str, torch.Tensor]) -> None:
         """Write every merged tensor into target[name] in place (copy_, dtype cast allowed).
 
         A float32 contiguous target on the inputs' device is written directly by methods
-        that support it (linear, the task-arithmetic family): no intermediate copy.
+        that support it (linear, the task-arithmetic family): no intermediate copy; when
+        the target's tensors are views of one buffer in this merger's tensor order (see
+        pack_order), runs of them are merged in one call.
         """
         import torch
 
@@ -178,9 +287,25 @@ class CandidateMerger:
                 f"e.g. '{missing[0]}'"
             )
         with torch.no_grad():
-            for name, tensor in self._merge(stage, target):
-                if tensor is not target[name]:
-                    target[name].copy_(tensor)
+            for names, tensor in self._merge(stage, target):
+                if len(names) > 1:  # written in place by construction (fused, elementwise)
+                    continue
+                if tensor is not target[names[0]]:
+                    target[names[0]].copy_(tensor)
+
+    def packed_target(self) -> dict[str, torch.Tensor]:
+        """Float32 tensors for every merged tensor (uninitialized), views of one buffer in
+        this merger's order: the layout `apply` merges fastest into, the one
+        HFBackend.pack_live gives the live model."""
+        import torch
+
+        shapes = [self._rows[name].shape[1:] for name in self._rows]
+        flat = torch.empty(sum(math.prod(s) for s in shapes), device=self.device)
+        out, a = {}, 0
+        for name, shape in zip(self._rows, shapes, strict=True):
+            out[name] = flat[a : a + math.prod(shape)].view(shape)
+            a += math.prod(shape)
+        return out
 
     def nbytes_per_entry(self) -> float:
         """Bytes of resident inputs per merged entry: what a fused candidate reads (mask

@@ -272,7 +272,8 @@ def _register_gta(name: str, kind, consensus, normalize, rescale, doc, ref) -> N
         return _gta(inputs, kind, consensus)
 
     register(Method(name, fn, _gta_params(normalize, rescale, kind), doc, ref, needs_base=True,
-                    random=kind in ("random", "della"), task_vectors=True, fused=True))  # fmt: skip
+                    random=kind in ("random", "della"), task_vectors=True, fused=True,
+                    elementwise=kind is None))  # fmt: skip
 
 
 _register_gta("task_arithmetic", None, None, False, False, "base + sum of weighted task vectors",
@@ -296,7 +297,7 @@ register(Method(
     "linear", _linear,
     (WEIGHT, Param("normalize", "bool", "global", True, "divide by the summed weights")),
     "weighted average of the models", "https://arxiv.org/abs/2203.05482", base_is_input=True,
-    fused=True,
+    fused=True, elementwise=True,
 ))  # fmt: skip
 register(Method(
     "slerp", _slerp,

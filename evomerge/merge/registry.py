@@ -135,6 +135,10 @@ class Method:
     # True: the per-entry arithmetic runs in evomerge.merge.kernel (compiled for in-place
     # candidates) and reads `models` in any float dtype, converting entry by entry
     fused: bool = False
+    # True: each merged entry depends only on the same entry of every input (and the
+    # parameters), so consecutive tensors merged with equal parameters may be merged as one
+    # flat tensor (in-place candidates: one kernel call instead of one per tensor)
+    elementwise: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:
