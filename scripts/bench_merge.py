@@ -158,7 +158,7 @@ print(time.perf_counter() - t0)
 """
 
 
-def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int = 3) -> dict:
+def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int = 9) -> dict:
     from evomerge.merge.candidate import CandidateMerger
     from evomerge.merge.io import open_checkpoint
     from evomerge.recipe import parse_recipe, stage_models
@@ -180,6 +180,7 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int =
             merger.apply(stage, target)
             times.append(time.perf_counter() - t0)
         numel = sum(t.numel() for t in target.values())
+        used = threads or merger._choice.chosen(stage.merge_method)
         in_bytes = merger.nbytes_per_entry()
         del merger, target
         for r in readers.values():
@@ -187,7 +188,8 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int =
         out = sh([str(mk_bin / "python"), "-c", MK_INPROC, str(tmp / f"{m}.yaml"), str(tmp / "mk")])
         shutil.rmtree(tmp / "mk", ignore_errors=True)
         res[m] = {"evomerge": statistics.median(times), "mergekit": float(out.stdout.split()[-1]),
-                  "numel": numel, "first": t_first, "in_bytes": in_bytes}  # fmt: skip
+                  "numel": numel, "first": t_first, "in_bytes": in_bytes,
+                  "threads": used}  # fmt: skip
     return res
 
 
@@ -214,7 +216,8 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,ties,dare_ties,della")
     ap.add_argument("--skip-b", action="store_true", help="skip (b), the in-process comparison")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (copy bandwidth)")
-    ap.add_argument("--candidate-threads", type=int, help="CandidateMerger threads (default 1)")
+    ap.add_argument("--candidate-threads", type=int,
+                    help="CandidateMerger kernel threads (default: measured)")  # fmt: skip
     args = ap.parse_args()
     methods = args.methods.split(",")
     mk_bin = ensure_mergekit()
@@ -243,12 +246,13 @@ def main() -> None:
         inplace = bench_inplace(methods, models, mk_bin, tmp, args.candidate_threads)
     print("(b) one candidate: in-place apply (resident inputs) vs mergekit run_merge "
           f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, "
-          f"{args.candidate_threads or 1} kernel threads)")  # fmt: skip
+          f"median of 9; threads {args.candidate_threads or 'measured'})")  # fmt: skip
     for m, r in inplace.items():
         traffic = (r["in_bytes"] + 4) * r["numel"] / r["evomerge"] / 1e9  # inputs + fp32 output
         print(f"  {m:10s} evomerge {r['evomerge']:6.3f} s | mergekit {r['mergekit']:6.2f} s | "
               f"speed-up {r['mergekit'] / r['evomerge']:6.1f}x | {traffic:5.1f} GB/s = "
-              f"{traffic / bw:4.0%} of copy bandwidth | first {r['first']:5.1f} s")  # fmt: skip
+              f"{traffic / bw:4.0%} of copy bandwidth | first {r['first']:5.1f} s | "
+              f"{r['threads']} threads")  # fmt: skip
     print(json.dumps({"disk": disk, "inplace": inplace, "copy_GBps": bw}))
 
 

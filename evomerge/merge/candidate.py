@@ -24,6 +24,7 @@ from evomerge.errors import ConfigError, MergeError, did_you_mean
 from evomerge.merge.arch import gradient_t
 from evomerge.merge.registry import MergeInputs, Method, get_method
 from evomerge.merge.resolve import base_index, input_refs, inputs_for_rows
+from evomerge.merge.threads import ThreadChoice
 
 if TYPE_CHECKING:
     import torch
@@ -82,9 +83,8 @@ class CandidateMerger:
     ) -> None:
         """compiled: run the fused kernels compiled (None: when available here and the
         inputs are large enough to repay compiling, COMPILE_MIN_ENTRIES).
-        threads: intra-op threads of the fused kernels (None: 1 on the CPU; on a busy
-        machine one barrier per tensor waiting for a preempted worker made 2 threads up to
-        40x slower than 1, while 2 threads gain at most the bandwidth of a second core)."""
+        threads: intra-op threads of the fused kernels (None: on the CPU, 1 or torch's
+        count, whichever `apply` measures faster (see threads.py); elsewhere torch's)."""
         import torch
 
         from evomerge.merge.kernel import Kernels, compile_available
@@ -109,7 +109,9 @@ class CandidateMerger:
             entries = sum(r[0].numel() for r in self._rows.values())
             compiled = compile_available(device) and entries >= COMPILE_MIN_ENTRIES
         self.kernels = Kernels(compiled=compiled)
-        self.threads = threads or (1 if str(device) == "cpu" else torch.get_num_threads())
+        most = torch.get_num_threads()
+        self.threads = threads or (None if str(device) == "cpu" else most)
+        self._choice = ThreadChoice(most)  # used when threads is None
 
     @property
     def tensor_names(self) -> list[str]:
@@ -180,11 +182,12 @@ class CandidateMerger:
 
     def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
         """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
-        for names, merged in self._merge(stage, {}):
+        threads = self.threads or self._choice.chosen(stage.merge_method) or 1
+        for names, merged in self._merge(stage, {}, threads):
             yield names[0], merged
 
     def _merge(
-        self, stage: MergeStage, target: Mapping[str, torch.Tensor]
+        self, stage: MergeStage, target: Mapping[str, torch.Tensor], threads: int
     ) -> Iterator[tuple[list[str], torch.Tensor]]:
         """(names, merged) per merge call: one tensor, or a run of them written into target
         as one flat tensor (see _runs)."""
@@ -195,7 +198,7 @@ class CandidateMerger:
 
         self._check(stage)
         method = get_method(stage.merge_method)
-        with intra_op_threads(self.threads if method.fused else torch.get_num_threads()):
+        with intra_op_threads(threads if method.fused else torch.get_num_threads()):
             for names, inputs in self._runs(stage, method, target):
                 inputs.kernels = self.kernels
                 if method.task_vectors and not method.fused and inputs.base is not None:
@@ -276,7 +279,7 @@ class CandidateMerger:
         A float32 contiguous target on the inputs' device is written directly by methods
         that support it (linear, the task-arithmetic family): no intermediate copy; when
         the target's tensors are views of one buffer in this merger's tensor order (see
-        pack_order), runs of them are merged in one call.
+        packed_target, HFBackend.pack_live), runs of them are merged in one call.
         """
         import torch
 
@@ -287,11 +290,17 @@ class CandidateMerger:
                 f"e.g. '{missing[0]}'"
             )
         with torch.no_grad():
-            for names, tensor in self._merge(stage, target):
-                if len(names) > 1:  # written in place by construction (fused, elementwise)
-                    continue
-                if tensor is not target[names[0]]:
-                    target[names[0]].copy_(tensor)
+            if self.threads:
+                self._write(stage, target, self.threads)
+            else:
+                self._choice.run(stage.merge_method, lambda n: self._write(stage, target, n))
+
+    def _write(self, stage: MergeStage, target: Mapping[str, torch.Tensor], threads: int) -> None:
+        for names, tensor in self._merge(stage, target, threads):
+            if len(names) > 1:  # written in place by construction (fused, elementwise)
+                continue
+            if tensor is not target[names[0]]:
+                target[names[0]].copy_(tensor)
 
     def packed_target(self) -> dict[str, torch.Tensor]:
         """Float32 tensors for every merged tensor (uninitialized), views of one buffer in
