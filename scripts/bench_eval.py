@@ -11,11 +11,12 @@ which favours lm-eval):
 - shared: lm-eval's best case for a loop: one HFLM wrapping the live model object and one
   TaskManager for all candidates; each call still loads the task data and builds requests.
 
-Our evaluator runs in four configurations on the same model object: "ours" (--batch-size,
-lm-eval's batch size, with drafts: each answer of the previous candidate is checked in one
-forward pass, and early exit: an exact-match row stops once it can no longer match), "no exit"
-(the same without early exit), "no drafts" (neither drafts nor early exit: what both buy) and
-"ours auto" (batch_size="auto", a token budget per forward pass).
+Our evaluator runs in five configurations on the same model object: "ours" (--batch-size,
+lm-eval's batch size, with prefix reuse: rows of earlier passes of the evaluation lend their KV
+to later rows that begin alike; drafts: each answer of the previous candidate is checked in
+one forward pass; and early exit: an exact-match row stops once it can no longer match), then
+without each of these in turn, cumulatively ("no reuse", "no exit", "no drafts": what each
+buys), and "ours auto" (batch_size="auto", a token budget per forward pass).
 
     python scripts/bench_eval.py                          # zoo/ models on evals/ tasks
     python scripts/bench_eval.py --smollm2 --synthetic    # SmolLM2-135M-Instruct (converted
@@ -152,11 +153,12 @@ def lm_eval_scores(lm, manager, samples: dict[str, list[int]]):
     return dt, scores
 
 
-OURS = {  # our evaluator's configurations: (batch size, drafts, early exit); None = --batch-size
-    "ours": (None, True, True),
-    "no exit": (None, True, False),
-    "no drafts": (None, False, False),
-    "ours auto": ("auto", True, True),
+OURS = {  # our evaluator's configurations: (batch size, drafts, early exit, prefix reuse);
+    "ours": (None, True, True, True),  # None = --batch-size
+    "no reuse": (None, True, True, False),
+    "no exit": (None, True, False, False),
+    "no drafts": (None, False, False, False),
+    "ours auto": ("auto", True, True, True),
 }
 
 
@@ -176,12 +178,17 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
     evaluators = {  # one model object; each configuration keeps its own drafts
         mode: Evaluator(
             HFBackend.from_model(
-                backend.model, backend.tokenizer, batch_size=b or bs, drafts=d, early_exit=x
+                backend.model,
+                backend.tokenizer,
+                batch_size=b or bs,
+                drafts=d,
+                early_exit=x,
+                prefix_reuse=r,
             ),
             tasks,
             chunks=(None,),
         )
-        for mode, (b, d, x) in OURS.items()
+        for mode, (b, d, x, r) in OURS.items()
     }
     base = {n: t.clone() for n, t in backend.live_tensors().items()}
     ev = evaluators["ours"]
@@ -253,10 +260,10 @@ def print_table(rows: list[dict], args) -> None:
                   f"({r['cpu']['reload'] / r['cpu'][mode]:.2f}x CPU), shared "
                   f"{r['wall']['shared'] / r['wall'][mode]:.2f}x "
                   f"({r['cpu']['shared'] / r['cpu'][mode]:.2f}x CPU)")  # fmt: skip
-    print(f"(steady state: mean over the candidates after the first; ours, no exit and no "
-          f"drafts at batch size {args.batch_size} like lm-eval, ours auto at batch_size='auto'; "
-          f"reload = re-running lm-eval per candidate, shared = one lm-eval model "
-          f"object)")  # fmt: skip
+    print(f"(steady state: mean over the candidates after the first; ours, no reuse, no exit "
+          f"and no drafts at batch size {args.batch_size} like lm-eval, ours auto at "
+          f"batch_size='auto'; reload = re-running lm-eval per candidate, shared = one lm-eval "
+          f"model object)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ the documents it adds; requests of all tasks go to the backend together so batch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -97,6 +98,11 @@ class Evaluator:
         """
         if limit is not None and limit < 1:
             raise ConfigError(f"limit must be >= 1, got {limit}")
+        reuse = getattr(self.backend, "reusing_prefixes", None)  # weights are fixed meanwhile
+        with reuse() if reuse is not None else contextlib.nullcontext():
+            return self._evaluate(split, on_chunk, limit)
+
+    def _evaluate(self, split: str, on_chunk, limit: int | None) -> EvalResult:
         orders = {t.name: self.order(t, split)[:limit] for t in self.tasks}
         result = EvalResult(per_example={name: {} for name in orders})
         planned = {name: _upto(self.chunks[-1], len(o)) for name, o in orders.items()}

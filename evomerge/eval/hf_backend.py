@@ -13,6 +13,7 @@ see early_exit).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ import torch
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
 from evomerge.eval.backends import GenerationSpec
 from evomerge.eval.hf_generate import greedy_generate, prefix_stable_decoding, trace_text
+from evomerge.eval.hf_prefix import PrefixStore
 from evomerge.eval.hf_score import plan, score_contexts
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ _DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokeniz
 TOKEN_BUDGET = 4096
 # logit elements one forward pass may return (512 MiB in float32), whatever the batch size
 LOGITS_BUDGET = 2**27
+# KV bytes one evaluation may keep for prefix reuse (see hf_prefix): 1 GiB holds ~23k tokens
+# of SmolLM2-135M in float32, ~8k of a 7B Llama in bfloat16
+PREFIX_BUDGET = 1 << 30
 _TOKENIZER_INFINITY = 1_000_000_000_000_000_019_884_624_838_656
 
 
@@ -57,6 +62,7 @@ class HFBackend:
         max_length: int | None = None,
         drafts: bool = True,
         early_exit: bool = True,
+        prefix_reuse: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +79,7 @@ class HFBackend:
         except torch.OutOfMemoryError as exc:
             raise CandidateError(f"out of memory loading '{model_dir}' on {device}") from exc
         self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
-        self._speedups(drafts=drafts, early_exit=early_exit)
+        self._speedups(drafts=drafts, early_exit=early_exit, prefix_reuse=prefix_reuse)
         self.name = path.as_posix()
 
     @classmethod
@@ -86,11 +92,12 @@ class HFBackend:
         max_length: int | None = None,
         drafts: bool = True,
         early_exit: bool = True,
+        prefix_reuse: bool = True,
     ) -> HFBackend:
         """Wrap an already loaded model (shared, not copied: in-place writes reach it)."""
         self = cls.__new__(cls)
         self._setup(model, tokenizer, batch_size=batch_size, max_length=max_length)
-        self._speedups(drafts=drafts, early_exit=early_exit)
+        self._speedups(drafts=drafts, early_exit=early_exit, prefix_reuse=prefix_reuse)
         self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
         return self
 
@@ -126,14 +133,28 @@ class HFBackend:
         self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         self._enc_cache: dict[str, list[int]] = {}
         self._live: dict[str, torch.Tensor] | None = None
+        self.prefix_store: PrefixStore | None = None  # set inside reusing_prefixes()
 
-    def _speedups(self, *, drafts: bool, early_exit: bool) -> None:
+    def _speedups(self, *, drafts: bool, early_exit: bool, prefix_reuse: bool) -> None:
         """Switches for what changes speed only, never a score (the benchmark turns them off)."""
+        self.prefix_reuse = prefix_reuse  # see reusing_prefixes
         # the last answer generated for each (prompt, spec): the next candidate's draft
         self.drafts = drafts
         self._drafts: dict[tuple[str, GenerationSpec], list[int]] = {}
         # stop a generation once it cannot score (answers hint); needs text that only grows
         self.early_exit = early_exit and prefix_stable_decoding(self.tokenizer)
+
+    @contextlib.contextmanager
+    def reusing_prefixes(self, budget_bytes: int = PREFIX_BUDGET) -> Iterator[None]:
+        """Within the block, rows of earlier forward passes lend their KV to later rows that
+        begin with the same tokens (see hf_prefix). The weights must not change inside it
+        (load_weights ends the reuse); the Evaluator opens one block per evaluation."""
+        outer = self.prefix_store
+        self.prefix_store = PrefixStore(budget_bytes) if self.prefix_reuse else None
+        try:
+            yield
+        finally:
+            self.prefix_store = outer
 
     # ------------------------------------------------------------------ weights
     def live_tensors(self) -> dict[str, torch.Tensor]:
@@ -177,6 +198,8 @@ class HFBackend:
 
     @torch.no_grad()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.prefix_store is not None:  # stored rows were computed with the old weights
+            self.prefix_store = PrefixStore(self.prefix_store.budget)
         live = self.live_tensors()
         everything = None
         for name, value in tensors:

@@ -68,27 +68,36 @@ def prefill(
     """Run a batch of sequences: (output with the last `keep` positions' logits and the KV
     cache, attention mask (n, cached length), position of each row's last token (n,)).
 
-    A prefix that every sequence shares (an instruction, fixed few-shot examples, the start
-    of a question template) runs once and its cache is repeated for the rows; each row's own
-    tokens follow it, left-padded, so the layout is [shared | padding | own]. The shared part
-    stops `keep` tokens before the shortest sequence ends, so every kept position is a row's
-    own token.
+    What runs before each row's own tokens, whose KV is reused, is either the beginnings of
+    the rows stored earlier in this evaluation (hf_prefix, inside
+    `backend.reusing_prefixes()`), or else a prefix that every sequence shares (an
+    instruction, fixed few-shot examples, the start of a question template), run once and
+    repeated for the rows. Each row's own tokens follow, left-padded, so the layout is
+    [reused | padding | own] (reused rows are left-padded too). The reused part stops `keep`
+    tokens before each sequence ends, so every kept position is a row's own token.
     """
     device, n = backend.device, len(seqs)
-    shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
-    cache = None
-    if n > 1 and shared >= _MIN_SHARED:
-        head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
-        ones = torch.ones((1, shared), dtype=torch.long, device=device)
-        cache = kv_cache(backend._run(head, ones, ones.cumsum(-1) - 1, None, 1))
-        cache.batch_repeat_interleave(n)
-        seqs = [s[shared:] for s in seqs]
+    store = backend.prefix_store
+    hits = [store.match(s, len(s) - keep) for s in seqs] if store is not None else []
+    if any(length for _, length in hits):
+        cache, before = store.cache_for(hits, device)  # type: ignore[union-attr]
+        reused = [length for _, length in hits]
     else:
-        shared = 0
-    ids, mask, pos = left_pad(seqs, backend.pad_id)  # (n, width) each
-    mask = torch.cat([mask.new_ones((n, shared)), mask], 1).to(device)
-    out = backend._run(ids.to(device), mask, (pos + shared).to(device), cache, keep)
-    return out, mask, pos[:, -1].to(device) + shared
+        shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
+        cache, before, reused = None, torch.ones((n, 0), dtype=torch.long), [0] * n
+        if n > 1 and shared >= _MIN_SHARED:
+            head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
+            ones = torch.ones((1, shared), dtype=torch.long, device=device)
+            cache = kv_cache(backend._run(head, ones, ones.cumsum(-1) - 1, None, 1))
+            cache.batch_repeat_interleave(n)
+            before, reused = ones.expand(n, shared), [shared] * n
+    ids, mask, pos = left_pad([s[k:] for s, k in zip(seqs, reused, strict=True)], backend.pad_id)
+    start = torch.tensor(reused)[:, None]
+    mask = torch.cat([before.to(device), mask.to(device)], 1)
+    out = backend._run(ids.to(device), mask, (pos + start).to(device), cache, keep)
+    if store is not None:
+        store.add_batch(seqs, kv_cache(out), mask)
+    return out, mask, (pos[:, -1:] + start)[:, 0].to(device)
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
