@@ -14,15 +14,16 @@ from evomerge.eval.hf_prefix import PrefixStore
 
 
 def _kv(length: int, start: float, layers: int = 2):
-    """Per layer (keys, values) of one row  # (length, heads=1, dim=2): entry i = start + i."""
+    """Per layer (keys, values) of one row  # (length, heads=1, dim=2): entry i = start + i
+    (+ 1000 per layer; values negated)."""
     x = (start + torch.arange(length, dtype=torch.float32))[:, None, None].expand(length, 1, 2)
     return tuple((x.clone() + 1000 * layer, -x.clone()) for layer in range(layers))
 
 
 def test_trie_finds_the_longest_stored_beginning_within_the_limit():
     store = PrefixStore(1 << 20)
-    store.add([1, 2, 3, 4], _kv(4, 0.0))
-    store.add([1, 2, 5], _kv(3, 100.0))
+    store.add([[1, 2, 3, 4]], _kv(4, 0.0))
+    store.add([[1, 2, 5]], _kv(3, 100.0))
     assert store.match([1, 2, 3, 9], limit=10) == (0, 3)
     assert store.match([1, 2, 3, 4, 5], limit=3) == (0, 3)  # at most limit tokens
     assert store.match([1, 2, 5, 7], limit=10) == (1, 3)
@@ -34,16 +35,18 @@ def test_trie_finds_the_longest_stored_beginning_within_the_limit():
 def test_budget_stops_taking_rows():
     row_bytes = 2 * 2 * (3 * 2 * 4)  # layers x (keys, values) x 3 positions x 2 floats x 4 B
     store = PrefixStore(row_bytes)
-    store.add([1, 2, 3], _kv(3, 0.0))
-    store.add([7, 8, 9], _kv(3, 0.0))  # over budget: not stored
+    store.add([[1, 2, 3]], _kv(3, 0.0))
+    store.add([[7, 8, 9]], _kv(3, 0.0))  # over budget: not stored
     assert store.nbytes == row_bytes
     assert store.match([7, 8], limit=5) == (-1, 0)
 
 
 def test_cache_for_left_pads_each_rows_beginning():
     store = PrefixStore(1 << 20)
-    store.add([1, 2, 3, 4], _kv(4, 0.0))
-    store.add([5, 6], _kv(2, 100.0))
+    two = tuple((torch.cat([k0, k1]), torch.cat([v0, v1]))
+                for (k0, v0), (k1, v1) in zip(_kv(4, 0.0), _kv(2, 100.0), strict=True))  # fmt: skip
+    store.add([[1, 2, 3, 4], [5, 6]], two)  # two rows of one pass
+    assert store.match([5, 6, 7], limit=5) == (1, 2)
     cache, mask = store.cache_for([(0, 3), (-1, 0), (1, 1)], "cpu")
     assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
     keys = cache.layers[1].keys  # (rows, heads, width, dim)

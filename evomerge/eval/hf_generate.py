@@ -77,20 +77,22 @@ def prefill(
     tokens before each sequence ends, so every kept position is a row's own token.
     """
     device, n = backend.device, len(seqs)
+    shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
+    shared = shared if n > 1 and shared >= _MIN_SHARED else 0
     store = backend.prefix_store
     hits = [store.match(s, len(s) - keep) for s in seqs] if store is not None else []
-    if any(length for _, length in hits):
+    own = max(len(s) - h for s, (_, h) in zip(seqs, hits, strict=True)) if hits else 0
+    if hits and own < max(len(s) for s in seqs) - shared:  # less to run than after `shared`
         cache, before = store.cache_for(hits, device)  # type: ignore[union-attr]
         reused = [length for _, length in hits]
+    elif shared:
+        head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
+        ones = torch.ones((1, shared), dtype=torch.long, device=device)
+        cache = kv_cache(backend._run(head, ones, ones.cumsum(-1) - 1, None, 1))
+        cache.batch_repeat_interleave(n)
+        before, reused = ones.expand(n, shared), [shared] * n
     else:
-        shared = min(common_prefix_len(seqs), min(len(s) for s in seqs) - keep)
         cache, before, reused = None, torch.ones((n, 0), dtype=torch.long), [0] * n
-        if n > 1 and shared >= _MIN_SHARED:
-            head = torch.tensor([list(seqs[0][:shared])], device=device)  # (1, shared)
-            ones = torch.ones((1, shared), dtype=torch.long, device=device)
-            cache = kv_cache(backend._run(head, ones, ones.cumsum(-1) - 1, None, 1))
-            cache.batch_repeat_interleave(n)
-            before, reused = ones.expand(n, shared), [shared] * n
     ids, mask, pos = left_pad([s[k:] for s, k in zip(seqs, reused, strict=True)], backend.pad_id)
     start = torch.tensor(reused)[:, None]
     mask = torch.cat([before.to(device), mask.to(device)], 1)

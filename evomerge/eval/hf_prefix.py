@@ -31,8 +31,9 @@ class PrefixStore:
         self.budget = budget_bytes
         self.nbytes = 0
         self._next: dict[tuple[int, int], int] = {}  # (node, token) -> child node; root 0
-        self._at: list[tuple[int, int]] = [(-1, 0)]  # node -> (row, depth); the root: none
-        self._rows: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] = []  # per layer (L, h, d)
+        self._at: list[int] = [-1]  # node -> the first stored row through it; the root: none
+        self._rows: list[tuple[int, int]] = []  # row -> (pass, offset of its first position)
+        self._passes: list[tuple[tuple[torch.Tensor, torch.Tensor], ...]] = []  # per layer
         self.enabled = True
 
     def match(self, seq: Sequence[int], limit: int) -> tuple[int, int]:
@@ -45,23 +46,28 @@ class PrefixStore:
             if child is None:
                 break
             node, depth = child, depth + 1
-        return self._at[node][0], depth
+        return self._at[node], depth
 
-    def add(self, seq: Sequence[int], kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
-        """Store a row: kv holds per layer its keys and values at its positions  # (L, h, d)"""
+    def add(self, seqs: Sequence[Sequence[int]], kv: tuple) -> None:
+        """Store rows: kv holds per layer (keys, values), each  # (total, heads, dim): the
+        rows' positions one row after the other, in the order of seqs."""
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if not self.enabled or self.nbytes + size > self.budget:
             return
-        row = len(self._rows)
-        self._rows.append(kv)
         self.nbytes += size
-        node, nxt = 0, self._next
-        for depth, token in enumerate(seq, 1):
-            child = nxt.get((node, token))
-            if child is None:
-                child = nxt[(node, token)] = len(self._at)
-                self._at.append((row, depth))
-            node = child
+        self._passes.append(kv)
+        nxt, at, a = self._next, self._at, 0
+        for seq in seqs:
+            row = len(self._rows)
+            self._rows.append((len(self._passes) - 1, a))
+            a += len(seq)
+            node = 0
+            for token in seq:
+                child = nxt.get((node, token))
+                if child is None:
+                    child = nxt[(node, token)] = len(at)
+                    at.append(row)
+                node = child
 
     def add_batch(self, seqs: Sequence[Sequence[int]], cache: Any, mask: torch.Tensor) -> None:
         """Store every row of a prefill: row r's positions are where mask[r] is 1, in order."""
@@ -73,14 +79,13 @@ class PrefixStore:
         if not self.enabled:
             return
         valid = mask.bool()  # (n, length)
-        packed = []
-        for layer in layers:  # (n, h, length, d) -> valid positions of all rows  # (total, h, d)
-            packed.append((layer.keys.transpose(1, 2)[valid], layer.values.transpose(1, 2)[valid]))
-        a = 0
-        for seq in seqs:
-            b = a + len(seq)
-            self.add(seq, tuple((k[a:b], v[a:b]) for k, v in packed))
-            a = b
+        self.add(  # (n, h, length, d) -> every row's valid positions  # (total, h, d)
+            seqs,
+            tuple(
+                (layer.keys.transpose(1, 2)[valid], layer.values.transpose(1, 2)[valid])
+                for layer in layers
+            ),
+        )
 
     def cache_for(self, hits: Sequence[tuple[int, int]], device) -> tuple[Any, torch.Tensor]:
         """A DynamicCache holding each row's matched beginning, left-padded to the longest,
@@ -88,22 +93,22 @@ class PrefixStore:
         from transformers import DynamicCache
 
         n, width = len(hits), max(length for _, length in hits)
-        mask = torch.zeros((n, width), dtype=torch.long, device=device)
-        slots, pieces = [], []  # flat (row, position) slots and the stored rows that fill them
+        mask = torch.zeros((n, width), dtype=torch.long)
+        slots, pieces = [], []  # flat (row, position) slots and where their KV is stored
         for r, (row, length) in enumerate(hits):
             if length:
                 mask[r, width - length :] = 1
                 slots.append(torch.arange(r * width + width - length, (r + 1) * width))
-                pieces.append((row, length))
+                pieces.append((*self._rows[row], length))
         index = torch.cat(slots).to(device)
         data = []
-        for layer in range(len(self._rows[pieces[0][0]])):
+        for layer in range(len(self._passes[0])):
             pair = []
             for kind in (0, 1):
-                src = torch.cat([self._rows[row][layer][kind][:length] for row, length in pieces])
+                src = torch.cat([self._passes[p][layer][kind][a : a + m] for p, a, m in pieces])
                 _, h, d = src.shape
                 flat = src.new_zeros((n * width, h, d))
                 flat.index_copy_(0, index, src.to(device))
                 pair.append(flat.view(n, width, h, d).transpose(1, 2))  # (n, h, width, d)
             data.append(tuple(pair))
-        return DynamicCache(ddp_cache_data=data), mask
+        return DynamicCache(ddp_cache_data=data), mask.to(device)

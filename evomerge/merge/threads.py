@@ -6,8 +6,8 @@ ends at a barrier, and on a busy machine a preempted worker stalls each one (2 t
 to 40x slower than 1). Load averages cannot tell this process's own threads from anyone
 else's, so the choice is measured instead: per method, candidates are timed with each
 count in turn until each has SAMPLES timings, then the count with the lower best recent
-time is used (the best of two: a spike from another process does not decide), and the other one is tried again now and then (load changes), less often
-each time it loses again.
+time is used (the best of two: a spike from another process does not decide), and the
+other one is tried again now and then (load changes), less often each time it loses again.
 """
 
 from __future__ import annotations
