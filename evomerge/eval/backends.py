@@ -40,13 +40,17 @@ class GenerationSpec:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the evaluator needs from a live model."""
+    """What the evaluator needs from a live model.
+
+    Optional, looked up by name (HFBackend has both): `pack_live(order)` lays the parameters
+    out consecutively in that tensor order, so in-place merges write runs of tensors at once;
+    `reusing_prefixes()` is a context manager the Evaluator holds open for one evaluation,
+    within which the weights do not change (HFBackend reuses prompt KV there).
+    """
 
     def live_tensors(self) -> dict[str, torch.Tensor] | None:
         """Writable parameters keyed by checkpoint tensor names (tied weights appear once),
-        or None when weights must be pushed with `load_weights`. A backend may also offer
-        `pack_live(order)`: lay its parameters out consecutively in that tensor order, so
-        in-place merges write runs of tensors at once (HFBackend does)."""
+        or None when weights must be pushed with `load_weights`."""
         ...
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
