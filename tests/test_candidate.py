@@ -280,3 +280,21 @@ def test_linear_weights_summing_to_zero_name_a_tensor_in_a_run(sources):
     merger = CandidateMerger(st, sources, num_layers=LAYERS)
     with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight': linear weights sum to 0"):
         merger.apply(st, merger.packed_target())
+
+
+def test_a_run_merged_outside_the_target_is_copied_in(sources, monkeypatch):
+    from dataclasses import replace
+
+    from evomerge.merge import registry
+
+    linear = registry.get_method("linear")
+    elsewhere = replace(linear, fn=lambda inputs: linear.fn(replace(inputs, out=None)))
+    monkeypatch.setitem(registry.METHODS, "linear", elsewhere)  # merges into a scratch buffer
+    st = _stage("linear", {"weight": 0.3})
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    merger.kernels = counting = CountingKernels(merger.kernels)
+    target = merger.packed_target()
+    merger.apply(st, target)
+    assert len(counting.calls) == 1
+    want = _disk(st, sources)
+    assert all(torch.equal(target[n], want[n]) for n in NAMES)

@@ -296,11 +296,16 @@ class CandidateMerger:
                 self._choice.run(stage.merge_method, lambda n: self._write(stage, target, n))
 
     def _write(self, stage: MergeStage, target: Mapping[str, torch.Tensor], threads: int) -> None:
+        import torch
+
         for names, tensor in self._merge(stage, target, threads):
-            if len(names) > 1:  # written in place by construction (fused, elementwise)
-                continue
-            if tensor is not target[names[0]]:
-                target[names[0]].copy_(tensor)
+            dst = target[names[0]]
+            if len(names) > 1:  # a run: its entries, which the method normally wrote itself
+                dst = torch.as_strided(dst, (tensor.numel(),), (1,))
+                if tensor.data_ptr() != dst.data_ptr():
+                    dst.copy_(tensor.reshape(-1))
+            elif tensor is not dst:
+                dst.copy_(tensor)
 
     def packed_target(self) -> dict[str, torch.Tensor]:
         """Float32 tensors for every merged tensor (uninitialized), views of one buffer in
@@ -308,12 +313,12 @@ class CandidateMerger:
         HFBackend.pack_live gives the live model."""
         import torch
 
-        shapes = [self._rows[name].shape[1:] for name in self._rows]
-        flat = torch.empty(sum(math.prod(s) for s in shapes), device=self.device)
+        sizes = {name: rows[0].numel() for name, rows in self._rows.items()}
+        flat = torch.empty(sum(sizes.values()), device=self.device)
         out, a = {}, 0
-        for name, shape in zip(self._rows, shapes, strict=True):
-            out[name] = flat[a : a + math.prod(shape)].view(shape)
-            a += math.prod(shape)
+        for name, size in sizes.items():
+            out[name] = flat[a : a + size].view(self._rows[name].shape[1:])
+            a += size
         return out
 
     def nbytes_per_entry(self) -> float:
