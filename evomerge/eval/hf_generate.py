@@ -94,12 +94,12 @@ def prefill(
     else:
         cache, before, reused = None, torch.ones((n, 0), dtype=torch.long), [0] * n
     ids, mask, pos = left_pad([s[k:] for s, k in zip(seqs, reused, strict=True)], backend.pad_id)
-    start = torch.tensor(reused)[:, None]
+    pos = pos + torch.tensor(reused)[:, None]  # each row's own tokens follow what it reuses
     mask = torch.cat([before.to(device), mask.to(device)], 1)
-    out = backend._run(ids.to(device), mask, (pos + start).to(device), cache, keep)
+    out = backend._run(ids.to(device), mask, pos.to(device), cache, keep)
     if store is not None:
         store.add_batch(seqs, kv_cache(out), mask)
-    return out, mask, (pos[:, -1:] + start)[:, 0].to(device)
+    return out, mask, pos[:, -1].to(device)
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
