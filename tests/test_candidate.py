@@ -263,16 +263,21 @@ def test_runs_stop_at_a_target_gap_and_at_a_parameter_change(sources):
     assert all(torch.equal(target[n], want[n]) for n in NAMES)
 
 
-@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
-def test_compiled_run_over_bf16_inputs_equals_disk_path(bf16_sources):
+def _merges_in_one_call(sources, compiled: bool | None = None) -> None:
+    """A scalar linear stage into a packed target: one kernel call, the disk path's values."""
     st = _stage("linear", {"weight": 0.3})
-    merger = CandidateMerger(st, bf16_sources, num_layers=LAYERS, compiled=True)
+    merger = CandidateMerger(st, sources, num_layers=LAYERS, compiled=compiled)
     merger.kernels = counting = CountingKernels(merger.kernels)
     target = merger.packed_target()
     merger.apply(st, target)
     assert len(counting.calls) == 1
-    want = _disk(st, bf16_sources)
+    want = _disk(st, sources)
     assert all(torch.equal(target[n], want[n]) for n in NAMES)
+
+
+@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
+def test_compiled_run_over_bf16_inputs_equals_disk_path(bf16_sources):
+    _merges_in_one_call(bf16_sources, compiled=True)
 
 
 def test_linear_weights_summing_to_zero_name_a_tensor_in_a_run(sources):
@@ -290,11 +295,4 @@ def test_a_run_merged_outside_the_target_is_copied_in(sources, monkeypatch):
     linear = registry.get_method("linear")
     elsewhere = replace(linear, fn=lambda inputs: linear.fn(replace(inputs, out=None)))
     monkeypatch.setitem(registry.METHODS, "linear", elsewhere)  # merges into a scratch buffer
-    st = _stage("linear", {"weight": 0.3})
-    merger = CandidateMerger(st, sources, num_layers=LAYERS)
-    merger.kernels = counting = CountingKernels(merger.kernels)
-    target = merger.packed_target()
-    merger.apply(st, target)
-    assert len(counting.calls) == 1
-    want = _disk(st, sources)
-    assert all(torch.equal(target[n], want[n]) for n in NAMES)
+    _merges_in_one_call(sources)
