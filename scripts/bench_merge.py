@@ -180,7 +180,7 @@ def bench_inplace(methods, models, mk_bin: Path, tmp: Path, threads, reps: int =
             merger.apply(stage, target)
             times.append(time.perf_counter() - t0)
         numel = sum(t.numel() for t in target.values())
-        used = threads or merger._choice.chosen(stage.merge_method)
+        used = merger.kernel_threads(stage.merge_method)
         in_bytes = merger.nbytes_per_entry()
         del merger, target
         for r in readers.values():

@@ -296,3 +296,16 @@ def test_a_run_merged_outside_the_target_is_copied_in(sources, monkeypatch):
     elsewhere = replace(linear, fn=lambda inputs: linear.fn(replace(inputs, out=None)))
     monkeypatch.setitem(registry.METHODS, "linear", elsewhere)  # merges into a scratch buffer
     _merges_in_one_call(sources)
+
+
+def test_kernel_threads_fixed_or_measured(sources):
+    st = _stage("linear", {"weight": 0.3})
+    assert CandidateMerger(st, sources, num_layers=LAYERS, threads=1).kernel_threads("linear") == 1
+    merger = CandidateMerger(st, sources, num_layers=LAYERS)
+    target = merger.packed_target()
+    merger.apply(st, target)
+    expected = 1 if merger._choice.most == 1 else None  # nothing timed yet: the warm-up
+    assert merger.kernel_threads("linear") == expected
+    for _ in range(4):  # each count timed twice
+        merger.apply(st, target)
+    assert merger.kernel_threads("linear") in (1, merger._choice.most)

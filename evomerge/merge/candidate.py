@@ -180,9 +180,14 @@ class CandidateMerger:
                 f"built for: expected {self._keys}, but got {[str(r) for r in refs]}"
             )
 
+    def kernel_threads(self, method: str) -> int | None:
+        """The fused kernels' thread count for `method`: the fixed one, or the one measured
+        faster so far (None before `apply` has timed both)."""
+        return self.threads or self._choice.chosen(method)
+
     def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
         """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
-        threads = self.threads or self._choice.chosen(stage.merge_method) or 1
+        threads = self.kernel_threads(stage.merge_method) or 1
         for names, merged in self._merge(stage, {}, threads):
             yield names[0], merged
 
