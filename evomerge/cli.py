@@ -12,19 +12,19 @@ import sys
 from collections.abc import Callable, Sequence
 
 from evomerge import __version__
-from evomerge.search.samplers import SAMPLERS
+from evomerge.search.catalog import SAMPLERS
 
 # command -> "module:function"; the function takes the argparse.Namespace, returns an exit code
 COMMANDS: dict[str, str] = {
     "merge": "evomerge.merge.engine:cli_merge",
-    "search": "evomerge.loop:cli_search",
-    "status": "evomerge.loop:cli_status",
-    "export": "evomerge.export:cli_export",
+    "search": "evomerge.loop.cli:cli_search",
+    "status": "evomerge.loop.cli:cli_status",
+    "export": "evomerge.export.run:cli_export",
     "eval": "evomerge.eval.cli:cli_eval",
     "leaderboard": "evomerge.eval.leaderboard:cli_leaderboard",
-    "zoo": "evomerge.zoo:cli_zoo",
+    "zoo": "evomerge.zoo.build:cli_zoo",
     "demo": "evomerge.demo:cli_demo",
-    "moe": "evomerge.moe:cli_moe",
+    "moe": "evomerge.moe.build:cli_moe",
 }
 
 

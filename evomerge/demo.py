@@ -68,12 +68,14 @@ def format_table(rows: list[Row], tasks: list[str]) -> str:
 
 
 def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[Row]:
-    from evomerge.export import export_study
-    from evomerge.loop import LiveWorkbench, run_search
+    from evomerge.export.run import export_study
+    from evomerge.loop.run import run_search
+    from evomerge.loop.workbench import LiveWorkbench
+    from evomerge.search import keys
     from evomerge.search.baselines import baseline_trials
     from evomerge.search.space import SearchSpace
     from evomerge.search.study import DocsBudget, counts_toward_budget
-    from evomerge.zoo import build_zoo
+    from evomerge.zoo.build import build_zoo
 
     t0 = time.time()
     print("[1/5] zoo: building (or reusing) the tiny offline model zoo", file=sys.stderr)
@@ -105,7 +107,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     )  # fmt: skip
     print("[4/5] held-out scores of the base, each expert and the uniform merge", file=sys.stderr)
     rows = [Row("base", dict(main.base.get("heldout", {})))]
-    trials = {t.user_attrs.get("baseline"): t for t in main.study.get_trials(deepcopy=False)}
+    trials = {t.user_attrs.get(keys.BASELINE): t for t in main.study.get_trials(deepcopy=False)}
     for label, params in baseline_trials(space):
         kind = label.split(":")[0]
         if kind in ("expert", "uniform"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class EvomergeError(Exception):
@@ -36,3 +37,13 @@ def did_you_mean(name: str, choices: Iterable[str], what: str = "name") -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"unknown {what} '{name}'.{hint} Available: {', '.join(options)}"
+
+
+def check_keys(data: Any, allowed: Iterable[str], where: str, what: str) -> None:
+    """ConfigError unless `data` is a mapping whose keys are all in `allowed` ("did you mean")."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, but got {data!r}")
+    allowed = tuple(allowed)
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{where}: {did_you_mean(str(key), allowed, what)}")

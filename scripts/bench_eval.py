@@ -166,7 +166,7 @@ def bench_model(model_dir: Path, specs: list[str], args, tmp: Path) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     from evomerge.eval.evaluator import Evaluator
-    from evomerge.eval.hf_backend import HFBackend
+    from evomerge.eval.hf.backend import HFBackend
     from evomerge.eval.task_specs import local_task_manager
     from evomerge.eval.tasks import load_tasks
 

@@ -203,13 +203,15 @@ def study_trials(study: Any) -> list[Trial]:
 
 
 def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
-    from evomerge.loop import LiveWorkbench, run_search, score_heldout
+    from evomerge.loop.heldout import score_heldout
+    from evomerge.loop.run import run_search
+    from evomerge.loop.workbench import LiveWorkbench
     from evomerge.search.objective import Objectives
     from evomerge.search.space import SearchSpace
     from evomerge.search.study import DocsBudget
 
     sampler, prune = CONFIGS[config]
-    space = SearchSpace.from_yaml(space_path).use_sampler(sampler)
+    space = SearchSpace.from_yaml(space_path)
     wb = LiveWorkbench.from_space(space)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:

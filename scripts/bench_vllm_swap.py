@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from evomerge.eval.vllm_backend import VllmBackend
+    from evomerge.eval.vllm.backend import VllmBackend
 
     tmp = tempfile.TemporaryDirectory()
     zoo = REPO / "zoo" / "base"

@@ -29,8 +29,8 @@ def build_case(work: Path) -> Path:
     from _search_fakes import FakeWorkbench, ensure_methods
     from conftest import write_tiny_model
 
-    from evomerge.export import export_study
-    from evomerge.loop import run_search
+    from evomerge.export.run import export_study
+    from evomerge.loop.run import run_search
 
     ensure_methods()
     models = {k: write_tiny_model(work / "models" / k, seed=s, num_layers=2, hidden=32)

@@ -80,7 +80,7 @@ def routing_table(out: Path, tasks: list[str]) -> dict[str, tuple[float, float]]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.moe_router import top1_choices
+    from evomerge.moe.router import top1_choices
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -172,8 +172,8 @@ def sweep(args: argparse.Namespace, zoo: Path, out: Path, tasks: list[str]) -> d
     """Every (n-prompts, prompt-seed) build x (top-k, temperature) variant -> per-example
     scores, printed against the first variant as they come."""
     from evomerge.eval.backends import load_backend
-    from evomerge.moe import build_moe
-    from evomerge.moe_config import parse_moe_config
+    from evomerge.moe.build import build_moe
+    from evomerge.moe.config import parse_moe_config
 
     ks, temps = _ints(args.top_k), [float(x) for x in args.temperature.split(",")]
     results: dict[str, dict] = {}

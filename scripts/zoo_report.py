@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evomerge.zoo_eval import load, score_all
-from evomerge.zoo_tasks import TASKS
+from evomerge.zoo.evaluate import load, score_all
+from evomerge.zoo.tasks import TASKS
 
 State = dict[str, torch.Tensor]
 

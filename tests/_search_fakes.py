@@ -11,14 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomerge.merge import registry as reg
-
 TESTS = Path(__file__).resolve().parent
 
 
 def ensure_methods() -> None:
-    """Load the real method registry (the search spaces read parameter bounds from it)."""
-    reg._ensure_loaded()
+    """Nothing to load: the method table (evomerge.merge.table) is static data now. Kept so
+    the search tests that call it need no change."""
 
 
 # the search space of the fake-workbench tests: three models, a simplex of weights, three tasks

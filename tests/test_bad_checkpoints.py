@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from evomerge.card import md_escape
 from evomerge.cli import main
+from evomerge.export.card import md_escape
 
 
 def recipe_for(tmp_path: Path, models: list[Path], method: str = "linear") -> Path:
@@ -161,7 +161,7 @@ def test_remote_code_is_never_run_by_merge(tmp_path, pair, capsys):
     assert not sentinel.exists()
     from inspect import signature
 
-    from evomerge.eval.hf_backend import HFBackend
+    from evomerge.eval.hf.backend import HFBackend
 
     default = signature(HFBackend.__init__).parameters["trust_remote_code"].default
     assert default is False  # the evaluator loads custom code only when asked

@@ -74,7 +74,7 @@ def test_pruning_fraction_and_speed() -> None:
 
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "dirichlet"])
 def test_first_proposals_do_not_depend_on_budget(tmp_path: Path, sampler: str) -> None:
-    from evomerge.loop import run_search
+    from evomerge.loop.run import run_search
 
     ensure_methods()
     space = tmp_path / "space.yaml"
@@ -89,7 +89,7 @@ def test_first_proposals_do_not_depend_on_budget(tmp_path: Path, sampler: str) -
 
 
 def test_docs_budget_ends_a_pruned_run_at_equal_cost(tmp_path: Path) -> None:
-    from evomerge.loop import run_search
+    from evomerge.loop.run import run_search
     from evomerge.search.study import DocsBudget
 
     ensure_methods()

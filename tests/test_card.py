@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.card import (
-    LEADERBOARD_BEGIN,
-    LEADERBOARD_END,
+from evomerge.eval.leaderboard_card import LEADERBOARD_BEGIN, LEADERBOARD_END, replace_leaderboard
+from evomerge.export.card import (
     CardInputs,
     ScoreRow,
     SearchSummary,
@@ -21,7 +20,6 @@ from evomerge.card import (
     md_escape,
     read_license,
     render_body,
-    replace_leaderboard,
     score_table,
 )
 

@@ -147,7 +147,7 @@ def test_disk_full_while_writing(tmp_path, tiny_model, monkeypatch, capsys, budg
 # ---- search: several kills at random points ----------------------------------------------------
 SPACE = fake_space("{n_trials: 14, seed: 0, heartbeat: 1, grace_period: 2}")
 SEARCH_RUNNER = """
-from evomerge.loop import run_search
+from evomerge.loop.run import run_search
 run_search({space!r}, results={results!r}, workbench=f.FakeWorkbench(sleep={sleep}),
            quiet=True, prune=False)
 """
@@ -175,7 +175,7 @@ def _complete(tmp_path: Path) -> dict[int, tuple[dict, float]]:
 @pytest.mark.slow  # four subprocesses, three killed (~40 s on a loaded machine)
 def test_search_killed_several_times_keeps_its_best(tmp_path: Path):
     pytest.importorskip("optuna")
-    from evomerge.loop import load_study_outcome
+    from evomerge.search.results import load_study_outcome
     from evomerge.search.study import counts_toward_budget
 
     (tmp_path / "space.yaml").write_text(SPACE)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_zoo import TINY
 
-from evomerge import zoo
 from evomerge.cli import main
+from evomerge.zoo import build as zoo
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ import torch
 from test_eval_support import build_tiny_model
 
 from evomerge.errors import CandidateError, ConfigError
-from evomerge.eval.backends import GenerationSpec, load_backend
-from evomerge.eval.hf_backend import HFBackend
+from evomerge.eval.backends import load_backend
+from evomerge.eval.hf.backend import HFBackend
+from evomerge.eval.protocol import GenerationSpec
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +99,8 @@ def test_continuations_sharing_a_stem_match_naive_reference(model_dir):
     small token budget and a small logits budget force several batches of each kind."""
     be = HFBackend(model_dir, batch_size="auto")
     be.token_budget, be.logits_budget = 40, 6 * be.vocab_size
-    shapes, run = [], be._run
-    be._run = lambda ids, *a: shapes.append((tuple(ids.shape), a[-1])) or run(ids, *a)
+    shapes, run = [], be.forward
+    be.forward = lambda ids, *a: shapes.append((tuple(ids.shape), a[-1])) or run(ids, *a)
     groups = {
         "add 5+8=": [" 13", " 11", " 14", " 23", " 1", " 134", " 13"],
         "q: which animal?": [" the cat", " the dog", " the cow"],
@@ -174,8 +175,8 @@ def test_shared_prompt_prefix_runs_once_with_same_results(model_dir):
     rows' own tokens left-padded after it ([shared | padding | own]); scores and generations
     equal the naive one-request references."""
     be = HFBackend(model_dir, batch_size=8)
-    shapes, run = [], be._run
-    be._run = lambda ids, *a: shapes.append(tuple(ids.shape)) or run(ids, *a)
+    shapes, run = [], be.forward
+    be.forward = lambda ids, *a: shapes.append(tuple(ids.shape)) or run(ids, *a)
     ctxs = [SHOT + q for q in ["add 1+2=", "rev hello=", "x", "cap Velmora is", "a"]]
     reqs = [(c, cont) for c in ctxs for cont in ["7", " ab", "no way"]]
     for (ctx, cont), (ll, greedy) in zip(reqs, be.loglikelihood(reqs), strict=True):

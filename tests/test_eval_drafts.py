@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_eval_support import build_tiny_model
 
-from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_backend import HFBackend
-from evomerge.eval.hf_generate import greedy_generate, trace_text
+from evomerge.eval.hf.backend import HFBackend
+from evomerge.eval.hf.generate import greedy_generate, trace_text
+from evomerge.eval.protocol import GenerationSpec
 
 PROMPTS = ["add 12+30=", "rev abcdef=", "x", "cap Velmora=", "q: why?", "add 7+1="]
 SHOT = "Q: add 3+4=7\nQ: rev ab=ba\nQ: "  # a prefix every prompt shares (few-shot style)
@@ -122,13 +122,13 @@ def test_drafts_through_the_shared_prefix_prefill(backend):
     positions whose predictions check the drafts."""
     spec = GenerationSpec(until=("\n",), max_gen_toks=6)
     prompts = encode(backend, [SHOT + p for p in ["x", "add 12+30=", "rev abc=", "x"]])
-    shapes, run = [], backend._run
-    backend._run = lambda ids, *a: shapes.append(tuple(ids.shape)) or run(ids, *a)
+    shapes, run = [], backend.forward
+    backend.forward = lambda ids, *a: shapes.append(tuple(ids.shape)) or run(ids, *a)
     try:
         check_all_drafts(backend, prompts, spec)
         check_all_drafts(backend, prompts[:1] * 3, spec)
     finally:
-        del backend._run
+        del backend.forward
     assert shapes[0] == (1, len(backend._encode(SHOT)))  # the shared prefix ran alone
 
 
@@ -138,12 +138,12 @@ def test_drafts_cut_to_the_logits_budget(backend, monkeypatch):
     spec = GenerationSpec(until=(), max_gen_toks=9)
     prompts = encode(backend, PROMPTS[:4])
     monkeypatch.setattr(backend, "logits_budget", 4 * 3 * backend.vocab_size)  # 2 fed each
-    calls, run = [], backend._run
-    backend._run = lambda ids, *a: calls.append(a[-1]) or run(ids, *a)
+    calls, run = [], backend.forward
+    backend.forward = lambda ids, *a: calls.append(a[-1]) or run(ids, *a)
     try:
         check_all_drafts(backend, prompts, spec)
     finally:
-        del backend._run
+        del backend.forward
     assert max(calls) == 3  # logits kept: the prompt's last position and two draft tokens
 
 
@@ -153,12 +153,12 @@ def test_right_drafts_need_no_decode_step(backend):
     spec = GenerationSpec(until=("\n",), max_gen_toks=9)
     prompts = encode(backend, PROMPTS[:4])
     refs = [naive_trace(backend, p, spec) for p in prompts]
-    calls, run = [], backend._run
-    backend._run = lambda ids, *a: calls.append(tuple(ids.shape)) or run(ids, *a)
+    calls, run = [], backend.forward
+    backend.forward = lambda ids, *a: calls.append(tuple(ids.shape)) or run(ids, *a)
     try:
         assert greedy_generate(backend, prompts, spec, refs) == refs
     finally:
-        del backend._run
+        del backend.forward
     assert len(calls) == 1
 
 

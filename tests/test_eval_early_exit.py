@@ -16,11 +16,11 @@ import pytest
 import torch
 from test_eval_support import build_tiny_model, write_task
 
-from evomerge.eval.backends import GenerationSpec
 from evomerge.eval.early_exit import ExactAnswers, committed_prefix
 from evomerge.eval.evaluator import Evaluator
-from evomerge.eval.hf_backend import HFBackend
-from evomerge.eval.hf_generate import cut_at_stops, prefix_stable_decoding, settled_text
+from evomerge.eval.hf.backend import HFBackend
+from evomerge.eval.hf.generate import cut_at_stops, prefix_stable_decoding, settled_text
+from evomerge.eval.protocol import GenerationSpec
 from evomerge.eval.tasks import load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,11 +304,11 @@ def test_rows_of_different_specs_share_batches(model_dir):
     for spec in specs:
         group = [r for r in reqs if r[1] == spec]
         alone |= dict(zip(group, be.generate(group), strict=True))
-    calls, run = [], be._run
-    be._run = lambda ids, *a: calls.append(tuple(ids.shape)) or run(ids, *a)
+    calls, run = [], be.forward
+    be.forward = lambda ids, *a: calls.append(tuple(ids.shape)) or run(ids, *a)
     try:
         together = be.generate(reqs)
     finally:
-        del be._run
+        del be.forward
     assert together == [alone[r] for r in reqs]
     assert max(rows for rows, _ in calls) == len(reqs)  # one batch for all three specs

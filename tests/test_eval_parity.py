@@ -23,7 +23,7 @@ def test_scores_equal_lm_eval_simple_evaluate(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from evomerge.eval.hf_backend import HFBackend
+    from evomerge.eval.hf.backend import HFBackend
     from evomerge.eval.task_specs import build_lm_eval_tasks
 
     torch.set_num_threads(1)
@@ -31,7 +31,7 @@ def test_scores_equal_lm_eval_simple_evaluate(tmp_path):
     be = HFBackend(model_dir, batch_size=8)
     # half the answers are the model's own greedy output, so exact match is not trivially 0
     recs = gen_records(24)
-    from evomerge.eval.backends import GenerationSpec
+    from evomerge.eval.protocol import GenerationSpec
 
     outs = be.generate(
         [(r["question"], GenerationSpec(until=("\n",), max_gen_toks=6)) for r in recs]

@@ -1,4 +1,4 @@
-"""Prefix reuse (hf_prefix.PrefixStore): the trie, the rebuilt caches, and HFBackend passes
+"""Prefix reuse (hf.prefix.PrefixStore): the trie, the rebuilt caches, and HFBackend passes
 that run only the part of a row no earlier row of the evaluation covered."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_eval_support import build_tiny_model
 
-from evomerge.eval.backends import GenerationSpec
-from evomerge.eval.hf_backend import HFBackend
-from evomerge.eval.hf_generate import prefill
-from evomerge.eval.hf_prefix import PrefixStore
+from evomerge.eval.hf.backend import HFBackend
+from evomerge.eval.hf.prefill import prefill
+from evomerge.eval.hf.prefix import PrefixStore
+from evomerge.eval.protocol import GenerationSpec
 
 
 def _kv(length: int, start: float, layers: int = 2):
@@ -66,9 +66,9 @@ def model_dir(tmp_path_factory):
 class Counting(HFBackend):
     """Counts the input tokens each forward pass feeds (padding included)."""
 
-    def _run(self, ids, mask, pos, cache, logits_to_keep):
+    def forward(self, ids, mask, pos, cache, logits_to_keep):
         self.fed.append(tuple(ids.shape))
-        return super()._run(ids, mask, pos, cache, logits_to_keep)
+        return super().forward(ids, mask, pos, cache, logits_to_keep)
 
 
 @pytest.fixture

@@ -80,10 +80,10 @@ def test_bad_inputs_are_config_errors(tmp_path):
 
 
 def test_unknown_name_message_lists_local_tasks(tmp_path, monkeypatch):
-    from evomerge.eval.task_specs import _unknown
+    from evomerge.eval.task_specs import unknown_task
 
     monkeypatch.chdir(tmp_path)
-    msg = _unknown("tinygen", ["tiny_gen", "tiny_mc"], ["hellaswag"])
+    msg = unknown_task("tinygen", ["tiny_gen", "tiny_mc"], ["hellaswag"])
     assert "Did you mean 'tiny_gen'?" in msg and "tiny_mc" in msg
 
 

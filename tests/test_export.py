@@ -15,10 +15,10 @@ from conftest import load_tensors, write_tiny_model
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError, MergeError
-from evomerge.export import export_study
-from evomerge.loop import run_search
-from evomerge.provenance import expand_ids
+from evomerge.export.run import export_study
+from evomerge.loop.run import run_search
 from evomerge.recipe import load_recipe
+from evomerge.search.doc_ids import expand_ids
 
 optuna = pytest.importorskip("optuna")
 ensure_methods()
@@ -212,7 +212,7 @@ def test_no_checkpoint_reexport_and_foreign_folder(study_dir: Path, tmp_path: Pa
 def test_verification_failure_names_tensor_and_leaves_nothing(
     study_dir: Path, tmp_path, monkeypatch
 ):
-    import evomerge.verify as verify
+    import evomerge.export.verify as verify
 
     real = verify.candidate_tensors
 
@@ -227,7 +227,7 @@ def test_verification_failure_names_tensor_and_leaves_nothing(
 
 
 def test_leaderboard_kept_on_reexport(study_dir: Path, tmp_path: Path):
-    from evomerge.card import replace_leaderboard
+    from evomerge.eval.leaderboard_card import replace_leaderboard
 
     out = tmp_path / "e"
     export_study(study_dir, trial=0, out=out, checkpoint=False)

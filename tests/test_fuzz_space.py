@@ -35,7 +35,7 @@ FINITE = st.floats(-5, 5, allow_nan=False)
 
 
 def test_valid_space_loads():  # the fuzz below breaks a space that is otherwise fine
-    SearchSpace.from_text(yaml.safe_dump(VALID), source="v.yaml").use_sampler("tpe")
+    SearchSpace.from_text(yaml.safe_dump(VALID), source="v.yaml").codec("tpe")
 
 
 @st.composite

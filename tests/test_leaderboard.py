@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.card import LEADERBOARD_BEGIN
 from evomerge.errors import ConfigError
+from evomerge.eval.leaderboard_card import LEADERBOARD_BEGIN
 
 MC_DOCS = [
     {"q": "abc", "choices": ["d", "x", "a"], "gold": 0},

@@ -15,7 +15,8 @@ from _search_fakes import FakeWorkbench, ensure_methods, fake_space, spawn_with_
 
 from evomerge.cli import main
 from evomerge.errors import CandidateError
-from evomerge.loop import load_study_outcome, run_search
+from evomerge.loop.run import run_search
+from evomerge.search.results import load_study_outcome
 
 optuna = pytest.importorskip("optuna")
 ensure_methods()
@@ -121,7 +122,7 @@ def test_multi_objective_pareto(tmp_path: Path):
 
 
 RUNNER = """
-from evomerge.loop import run_search
+from evomerge.loop.run import run_search
 run_search({space!r}, n_trials={n}, results={results!r}, workbench=f.FakeWorkbench(sleep={sleep}),
            quiet=True, prune=False)
 """

@@ -1,18 +1,25 @@
-"""Merge methods: contract tests over every registry entry, hand-computed references per method,
-and the parameter resolution in evomerge.merge.resolve."""
+"""Merge methods: contract tests over every method table entry, hand-computed references per
+method, and the parameter resolution in evomerge.merge.resolve."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.registry import get_method, method_names
-from evomerge.merge.resolve import base_index, build_inputs, merge_tensor
+from evomerge.merge.contract import load_function
+from evomerge.merge.resolve import build_inputs, merge_tensor
+from evomerge.merge.table import get_method, method_names
 from evomerge.recipe import FilterEntry, InputModel, MergeStage, ModelRef
+from evomerge.recipe.schema import base_index
 
+RECIPES = Path(__file__).parent / "recipes"
 SHAPE = (6, 5)
 
 
@@ -67,6 +74,27 @@ def test_params_declared_with_defaults_inside_bounds(name):
             p.check(p.search_high, "search_high")
             assert p.search_low < p.search_high
         assert not (p.required and p.default is not None)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_table_names_a_function_taking_its_options(name):
+    """The static table and methods.py agree: each "module:function" exists and takes the
+    inputs plus exactly the options the table binds."""
+    method = get_method(name)
+    fn = load_function(method.function)
+    args = list(inspect.signature(fn).parameters)
+    assert callable(fn) and args[0] == "inputs"
+    assert args[1:] == [k for k, _ in method.options]
+
+
+def test_loading_a_recipe_imports_no_torch():
+    code = (
+        "import sys; from evomerge.recipe import load_recipe; "
+        f"load_recipe({str(RECIPES / 'della.yaml')!r}); "
+        "from evomerge.merge.table import method_names; method_names(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("name", method_names())

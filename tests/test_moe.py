@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError
-from evomerge.moe import build_moe
-from evomerge.moe_config import parse_moe_config
+from evomerge.moe.build import build_moe
+from evomerge.moe.config import parse_moe_config
 
 PROMPTS = {"a": ["add 1+2=", "add 33+4="], "b": ["rev abc=", "rev hello="], "neg": ["cap x="]}
 
@@ -216,7 +216,7 @@ def test_logistic_router_separates_the_experts_prompts(tiny_model, tmp_path):
     and a few tokens a random tiny model cannot tell apart, excepted)."""
     from transformers import AutoTokenizer
 
-    from evomerge.moe_router import top1_choices
+    from evomerge.moe.router import top1_choices
 
     base, e1, e2 = (tiny_model(arch="qwen2", seed=s) for s in range(3))
     out = build_moe(parse_moe_config(_cfg(base, [e1, e2], "logistic")), tmp_path / "moe")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.moe import build_moe
-from evomerge.moe_config import parse_moe_config
+from evomerge.moe.build import build_moe
+from evomerge.moe.config import parse_moe_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import moe_zoo_report as report

@@ -30,9 +30,9 @@ SPACE = fake_space()
 
 # a worker = `evomerge search` with the fake workbench (scores a known function of the weights)
 WORKER = """
-import evomerge.loop as loop
+import evomerge.loop.workbench as wb
 from evomerge.cli import main
-loop.LiveWorkbench.from_space = classmethod(lambda cls, *a, **k: f.FakeWorkbench(sleep={sleep}))
+wb.LiveWorkbench.from_space = classmethod(lambda cls, *a, **k: f.FakeWorkbench(sleep={sleep}))
 sys.exit(main(["search", {space!r}, "--study", {study!r}, "--storage", {url!r},
                "--n-trials", "{n}", "--results", {results!r}, "--no-prune"]))
 """

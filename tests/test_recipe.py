@@ -1,4 +1,4 @@
-"""Tests of the recipe format (evomerge/recipe.py): mergekit YAML in, validation, YAML out."""
+"""Tests of the recipe format (evomerge/recipe/): mergekit YAML in, validation, YAML out."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from evomerge import recipe as R
 from evomerge.errors import ConfigError
 from evomerge.merge.arch import gradient_t
 
-# the real registry (evomerge/merge/methods.py) supplies every method's declared parameters
+# the real method table (evomerge/merge/table.py) supplies every method's declared parameters
 
 RECIPES = Path(__file__).parent / "recipes"
 FIXTURES = sorted(RECIPES.glob("*.yaml"))
@@ -194,9 +194,10 @@ def test_seed_provenance_and_helpers() -> None:
         "sha256": {"org/expert-math": "3f2a9c", "org/expert-code": "77b0e1"},
     }
     assert R.base_index(stage) == 0
-    assert R.base_index(R.load_recipe(RECIPES / "della.yaml").final) is None
+    della = R.load_recipe(RECIPES / "della.yaml").final  # base_model not listed: appended
+    assert R.input_refs(della)[R.base_index(della)] == della.base_model == R.ModelRef("org/base")
+    assert R.base_index(della) == len(della.models) == 2
     slerp = R.load_recipe(RECIPES / "slerp.yaml").final
-    assert R.base_index(slerp, slice_index=0) == 0
     assert R.stage_models(slerp) == [R.ModelRef("org/base-7b"), R.ModelRef("org/chat-7b")]
     passthrough = R.load_recipe(RECIPES / "passthrough.yaml").final
     assert [str(r) for r in R.stage_models(passthrough)] == ["org/model-a", "org/model-b"]

@@ -13,13 +13,18 @@ from evomerge.errors import ConfigError
 from evomerge.recipe import FilterEntry, evaluate_setting
 from evomerge.search import simplex
 from evomerge.search.baselines import baseline_trials
+from evomerge.search.codec import Codec
 from evomerge.search.space import SearchSpace
 
 ensure_methods()
 
 
-def space(text: str, sampler: str = "tpe") -> SearchSpace:
-    return SearchSpace.from_text(text, source="test.yaml").use_sampler(sampler)
+def load(text: str) -> SearchSpace:
+    return SearchSpace.from_text(text, source="test.yaml")
+
+
+def space(text: str, sampler: str = "tpe") -> Codec:
+    return load(text).codec(sampler)
 
 
 LINEAR = """
@@ -81,7 +86,7 @@ def test_decode_weights_each_parameterization():
     assert [m.parameters["weight"] for m in stage.models] == pytest.approx([0.25, 0.75, 0.0])
     assert [str(m.model) for m in stage.models] == ["m/a", "m/b", "m/c"]
     cm = space(LINEAR, "cmaes")
-    assert [p.name for p in cm.raw_params("linear")] == ["weight[stick0]", "weight[stick1]"]
+    assert list(cm.distributions("linear")) == ["weight[stick0]", "weight[stick1]"]
     stage = cm.decode({"weight[stick0]": 0.75, "weight[stick1]": 0.5}).final
     assert [m.parameters["weight"] for m in stage.models] == pytest.approx([0.5, 0.25, 0.25])
 
@@ -96,7 +101,7 @@ parameters:
   t: {layer_groups: 3, filters: [self_attn, mlp], rest: 0.5}
 tasks: [t1]
 """)
-    names = [p.name for p in sp.raw_params("slerp")]
+    names = list(sp.distributions("slerp"))
     assert names == [f"t[{f}][g{g}]" for f in ("self_attn", "mlp") for g in range(3)]
     params = {f"t[{f}][g{g}]": 0.1 * g + (0.5 if f == "mlp" else 0.0)
               for f in ("self_attn", "mlp") for g in range(3)}  # fmt: skip
@@ -152,9 +157,10 @@ def test_decode_is_pure_and_matches_suggest():
 
 # ---- baselines -------------------------------------------------------------------------------
 def test_baselines_uniform_experts_defaults(tmp_path: Path):
+    sp = load(LINEAR)
     for sampler in ("tpe", "cmaes"):
-        sp = space(LINEAR, sampler)
-        got = {label: sp.decode(p).final for label, p in baseline_trials(sp)}
+        trials = baseline_trials(sp, sp.codec(sampler).parameterization)
+        got = {label: sp.decode(p).final for label, p in trials}
         weights = {k: [m.parameters["weight"] for m in s.models] for k, s in got.items()}
         assert weights["uniform:linear"] == pytest.approx([1 / 3] * 3)
         assert weights["expert:b:linear"] == pytest.approx([0, 1, 0])
@@ -167,7 +173,7 @@ def test_baseline_from_recipe(tmp_path: Path):
                       "  - model: a\n    parameters: {weight: 0.7}\n"
                       "  - model: b\n    parameters: {weight: 0.2}\n"
                       "parameters: {lambda: 1.2}\n")  # fmt: skip
-    sp = space(f"""
+    sp = load(f"""
 base_model: base
 models: [a, b]
 method: task_arithmetic
@@ -207,7 +213,7 @@ BAD = {
         LINEAR.replace("weight: {simplex: true}", "weight: 0.5\n  normalize: 3"),
         "'normalize' must be true or false, but got 3",
     ),
-    "not yaml": ("models: [a\n", "not valid YAML"),
+    "not yaml": ("models: [a\n", "invalid YAML at line 2"),
     "batch size": (
         LINEAR + "eval: {batch_size: big}\n",
         "eval.batch_size: expected an integer >= 1 or 'auto', but got 'big'",
@@ -252,8 +258,8 @@ def test_example_spaces_load_and_decode_to_valid_recipes(monkeypatch):
     assert len(files) >= 5
     for f in files:
         sp = SearchSpace.from_yaml(f.relative_to(root))
-        sp.use_sampler(sp.spec.search.get("sampler", "tpe"))
-        for _, params in baseline_trials(sp):
+        codec = sp.codec(sp.default_sampler())
+        for _, params in baseline_trials(sp, codec.parameterization):
             validate_recipe(sp.decode(params), str(f))
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        validate_recipe(sp.suggest(study.ask()), str(f))
+        validate_recipe(codec.suggest(study.ask()), str(f))

@@ -9,10 +9,10 @@ import pytest
 from _search_fakes import ensure_methods
 
 from evomerge.errors import ConfigError
+from evomerge.search.keys import FAIL_KIND
 from evomerge.search.samplers import make_pruner, make_sampler
 from evomerge.search.space import SearchSpace
 from evomerge.search.study import (
-    FAIL_KIND,
     budget_state,
     open_storage,
     open_study,
@@ -46,9 +46,10 @@ def _score(recipe) -> float:
 
 def _run(sampler: str, seed: int, n: int) -> list[dict]:
     sp = SearchSpace.from_text(SPACE, "s.yaml")
-    smp = make_sampler(sampler, sp, seed, 1)
+    smp = make_sampler(sampler, sp.spec, seed)
     study = optuna.create_study(sampler=smp, direction="maximize")
-    study.optimize(lambda t: _score(sp.suggest(t)), n_trials=n)
+    codec = sp.codec(sampler)  # the parameterization this sampler searches in
+    study.optimize(lambda t: _score(codec.suggest(t)), n_trials=n)
     return [t.params for t in study.trials]
 
 
@@ -68,20 +69,20 @@ def test_gp_seeded():
 def test_tpe_beats_random_start():
     """After its 10 random start-up trials, TPE's proposals score better on average."""
     sp = SearchSpace.from_text(SPACE, "s.yaml")
-    study = optuna.create_study(sampler=make_sampler("tpe", sp, 0, 1), direction="maximize")
-    study.optimize(lambda t: _score(sp.suggest(t)), n_trials=40)
+    study = optuna.create_study(sampler=make_sampler("tpe", sp.spec, 0), direction="maximize")
+    study.optimize(lambda t: _score(sp.codec("tpe").suggest(t)), n_trials=40)
     vals = [t.value for t in study.trials]
     assert sum(vals[-10:]) / 10 > sum(vals[:10]) / 10
 
 
 def test_dirichlet_sampler_draws_flat_dirichlet_exactly_on_the_simplex():
     sp = SearchSpace.from_text(SPACE, "s.yaml")
-    smp = make_sampler("dirichlet", sp, 0, 1)
+    smp = make_sampler("dirichlet", sp.spec, 0)
     study = optuna.create_study(sampler=smp)
     ws = []
     for _ in range(600):
         trial = study.ask()
-        stage = sp.suggest(trial).final
+        stage = sp.codec("dirichlet").suggest(trial).final
         study.tell(trial, 0.0)
         w = [m.parameters["weight"] for m in stage.models]
         assert sum(w) == pytest.approx(1.0)
@@ -143,9 +144,9 @@ def test_sampler_and_pruner_options_reach_optuna():
     runs = []
     for options in (None, {"n_startup_trials": 2}):
         study = optuna.create_study(
-            sampler=make_sampler("tpe", sp, 0, 1, options), direction="maximize"
+            sampler=make_sampler("tpe", sp.spec, 0, options), direction="maximize"
         )
-        study.optimize(lambda t: _score(sp.suggest(t)), n_trials=3)
+        study.optimize(lambda t: _score(sp.codec("tpe").suggest(t)), n_trials=3)
         runs.append([t.params for t in study.trials])
     assert runs[0][:2] == runs[1][:2] and runs[0][2] != runs[1][2]
     pruner, mode = make_pruner("median", 1, options={"n_startup_trials": 7})
@@ -175,7 +176,7 @@ def test_bad_options_are_config_errors(kind, options, message):
         if kind == "median":
             make_pruner(kind, 1, options=options)
         else:
-            make_sampler(kind, sp, 0, 1, options)
+            make_sampler(kind, sp.spec, 0, options)
     assert message in str(err.value)
 
 

@@ -33,13 +33,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _backend(model_dir: Path):
-    from evomerge.eval.vllm_backend import VllmBackend
+    from evomerge.eval.vllm.backend import VllmBackend
 
     return VllmBackend(model_dir, device="cpu", kv_cache_memory_bytes=64 << 20, batch_size=4)
 
 
 def _spec(max_gen_toks: int = 8, until: tuple[str, ...] = (".",)):
-    from evomerge.eval.backends import GenerationSpec
+    from evomerge.eval.protocol import GenerationSpec
 
     return GenerationSpec(until=until, max_gen_toks=max_gen_toks)
 
@@ -113,7 +113,7 @@ def test_partial_update_of_whole_layers(models):
 
 def test_bad_model_dir_is_config_error(tmp_path):
     from evomerge.errors import ConfigError
-    from evomerge.eval.vllm_backend import VllmBackend
+    from evomerge.eval.vllm.backend import VllmBackend
 
     with pytest.raises(ConfigError, match=r"config\.json"):
         VllmBackend(tmp_path / "nope")

@@ -63,7 +63,7 @@ def _routed_experts(moe_dir: Path) -> set[int]:
     """Every expert some layer's router ranks first for some token of PROMPTS (transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.moe_router import top1_choices
+    from evomerge.moe.router import top1_choices
 
     model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     picks = top1_choices(model, AutoTokenizer.from_pretrained(moe_dir), PROMPTS)
@@ -74,8 +74,8 @@ def _routed_experts(moe_dir: Path) -> set[int]:
     ("arch", "moe_class"), [("qwen2", "Qwen2MoeForCausalLM"), ("llama", "MixtralForCausalLM")]
 )
 def test_moe_in_vllm_matches_lm_eval_hf(tmp_path, arch, moe_class):
-    from evomerge.eval.backends import GenerationSpec
-    from evomerge.eval.vllm_backend import VllmBackend
+    from evomerge.eval.protocol import GenerationSpec
+    from evomerge.eval.vllm.backend import VllmBackend
 
     out = _build_moe(tmp_path, arch)
     assert _routed_experts(out) == {0, 1, 2}  # the routers really choose between experts

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from evomerge import zoo, zoo_tasks
-from evomerge.zoo_tasks import TASKS, check_answer, eval_records, fact_tables, format_answer
+from evomerge.zoo import build as zoo
+from evomerge.zoo import tasks as zoo_tasks
+from evomerge.zoo.tasks import TASKS, check_answer, eval_records, fact_tables, format_answer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = zoo.ZooSettings(
@@ -126,7 +127,7 @@ def test_autotokenizer_encodes_like_training(tiny_zoo: Path) -> None:
 def test_batched_generation_matches_single(tiny_zoo: Path) -> None:
     import torch
 
-    from evomerge import zoo_eval
+    from evomerge.zoo import evaluate as zoo_eval
 
     model, tok = zoo_eval.load(tiny_zoo / "add")
     prompts = ["add 1+2=", "add 123+456=", "rev ab="]
@@ -246,7 +247,7 @@ def test_cli(
 
 @pytest.mark.slow
 def test_full_zoo_experts_beat_base(tmp_path: Path) -> None:
-    from evomerge import zoo_eval
+    from evomerge.zoo import evaluate as zoo_eval
 
     out = zoo.build_zoo(tmp_path / "zoo", progress=False)
     model, tok = zoo_eval.load(out / "base")

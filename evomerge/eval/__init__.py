@@ -2,6 +2,7 @@
 
 Public API (heavy imports happen inside these modules, not here):
     tasks.load_tasks, tasks.ProxyTask          lm-eval tasks, split search / held-out
-    backends.load_backend, backends.Backend    a live model (HF here; vLLM in vllm_backend)
+    protocol.Backend, protocol.GenerationSpec  what a live model answers
+    backends.load_backend                      a live model by name (hf/, vllm/)
     evaluator.Evaluator, EvalResult, TaskScore chunked evaluation with per-example scores
 """

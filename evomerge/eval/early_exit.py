@@ -7,7 +7,7 @@ text generated so far can no longer grow into one, its score is 0 whatever comes
 backend may stop the row there and return the text so far: lm-eval scores that 0 as well.
 
 Everything here is about strings; the backend adds what it knows about its tokenizer (which
-characters of a decoded prefix later tokens may still change, see hf_generate.settled_text).
+characters of a decoded prefix later tokens may still change, see hf.generate.settled_text).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from evomerge.eval.lm_compat import filter_ensembles, has_metric, metric_fn, metric_kwargs
 
 # exact_match keyword arguments that leave the comparison exact when false/None
 _EXACT_OPTIONS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
@@ -85,9 +87,9 @@ def early_exit_blocker(task: Any) -> str | None:
         or type(task).process_results is not ConfigurableTask.process_results
     ):
         return "it has its own process_results"
-    if task._metric_fn_list.get(metric) is not exact_match_fn:
+    if metric_fn(task, metric) is not exact_match_fn:
         return "its exact_match is not lm-eval's own"
-    for key, value in (task._metric_fn_kwargs.get(metric) or {}).items():
+    for key, value in metric_kwargs(task, metric).items():
         if key not in _EXACT_OPTIONS or value:
             return f"exact_match has {key}: {value!r}"
     if _strips(task) is None:
@@ -101,7 +103,7 @@ def _strips(task: Any) -> bool | None:
     from lm_eval.filters.extraction import WhitespaceFilter
     from lm_eval.filters.selection import TakeFirstFilter
 
-    ensembles = getattr(task, "_filters", None) or []
+    ensembles = filter_ensembles(task)
     if not ensembles:
         return False
     steps = [(getattr(f, "func", f), getattr(f, "keywords", None)) for f in ensembles[0].filters]
@@ -121,7 +123,7 @@ def exact_answers(task: Any, doc: dict) -> ExactAnswers | None:
         golds = [task.doc_to_choice(doc)[gold]]
     elif task.multiple_target:  # lm-eval's list(gold): a lone string becomes its characters
         golds = list(gold) if isinstance(gold, (str, list, tuple)) else []
-    elif type(gold) is str or "bypass" in task._metric_fn_list:
+    elif type(gold) is str or has_metric(task, "bypass"):
         golds = [gold]
     else:
         golds = [str(gold)]  # lm-eval casts the gold to the response's type

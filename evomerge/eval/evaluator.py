@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from evomerge.eval.backends import Backend
     from evomerge.eval.early_exit import ExactAnswers
+    from evomerge.eval.protocol import Backend
     from evomerge.eval.tasks import ProxyTask
 
 

@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evomerge.common.device import default_device
+from evomerge.common.model_dir import has_config
 from evomerge.errors import ConfigError
 from evomerge.eval.backends import BACKENDS
 from evomerge.eval.leaderboard_card import update_card
+from evomerge.eval.lm_compat import load_task_yaml
 
 COLUMNS = ["task", "alias", "metric", "filter", "value", "stderr", "n_shot", "n_samples", "group"]
 HUB_HINT = "run with --tasks zoo_leaderboard offline"
@@ -40,9 +43,9 @@ def resolve_tasks(spec: str | Sequence[str]) -> tuple[list[str], Any]:
     manager = task_specs.local_task_manager(specs)
     names, remote = [], []
     for s in specs:
-        path = task_specs._as_path(s)
+        path = task_specs.as_path(s)
         if path is not None:
-            names.extend(task_specs._names_in_path(path))
+            names.extend(task_specs.names_in_path(path))
         elif s in manager.task_index:
             names.append(s)
         else:
@@ -71,10 +74,10 @@ def _registry_manager(specs: list[str], remote: list[str], local: Any) -> Any:
         if e.yaml_path is not None
         and any(Path(e.yaml_path).resolve().is_relative_to(r) for r in roots)
     }
-    task_specs._inline_local_configs(local_entries)
+    task_specs.inline_local_configs(local_entries)
     for name in remote:
         if name not in manager.task_index:
-            raise ConfigError(task_specs._unknown(name, local.all_tasks, manager.all_tasks))
+            raise ConfigError(task_specs.unknown_task(name, local.all_tasks, manager.all_tasks))
     return manager
 
 
@@ -98,8 +101,6 @@ def check_hub_data(manager: Any, names: Sequence[str]) -> None:
 
 def _dataset_paths(manager: Any, names: Sequence[str]) -> set[str]:
     """Hub dataset ids used by the named tasks, groups and tags (recursively)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     index, paths, seen = manager.task_index, set(), set()
     todo: list[Any] = list(names)
     while todo:
@@ -113,7 +114,7 @@ def _dataset_paths(manager: Any, names: Sequence[str]) -> set[str]:
             entry = index[item]
             todo.extend(n for n, e in index.items() if item in (e.tags or ()))
             cfg = entry.cfg or (
-                load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
+                load_task_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
             )
         members = cfg.get("task")
         if isinstance(members, list):
@@ -157,10 +158,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _build_lm(model_dir: Path, backend: str, device: str | None, batch_size: int) -> Any:
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if backend == "vllm":
         from evomerge.eval.lm_adapter import BackendLM  # imports lm_eval: only when needed
-        from evomerge.eval.vllm_backend import VllmBackend
+        from evomerge.eval.vllm.backend import VllmBackend
 
         return BackendLM(VllmBackend(model_dir, device=device, batch_size=batch_size))
     from lm_eval.models.huggingface import HFLM
@@ -193,7 +194,7 @@ def run_leaderboard(
         from evomerge.errors import did_you_mean
 
         raise ConfigError(did_you_mean(backend, BACKENDS, "backend"))
-    if not (model_dir / "config.json").is_file():
+    if not has_config(model_dir):
         raise ConfigError(f"expected a model folder with config.json, got '{model_dir}'")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")

@@ -1,19 +1,38 @@
 """The leaderboard section of a model card (README.md), replaced idempotently on every run.
 
-Two places, as published Hub cards carry them: a markdown table in the body, inside the
-marked section that evomerge.card owns (`replace_leaderboard`), and model-index
-`eval_results` in the YAML
-front matter (huggingface_hub.ModelCardData), so the Hub shows the scores.
+Two places, as published Hub cards carry them: a markdown table in the body, between fixed
+markers (`replace_leaderboard`), and model-index `eval_results` in the YAML front matter
+(huggingface_hub.ModelCardData), so the Hub shows the scores. The markers and the section
+live here, in eval, because `evomerge leaderboard` writes them; the export card
+(evomerge.export.card) imports them to leave the section's place in the cards it writes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 SOURCE = "evomerge leaderboard (lm-eval)"
 SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+LEADERBOARD_BEGIN = "<!-- evomerge:leaderboard -->"
+LEADERBOARD_END = "<!-- /evomerge:leaderboard -->"
+LEADERBOARD_PLACEHOLDER = "_No leaderboard run yet: `evomerge leaderboard MODEL_DIR` fills this._"
+
+
+def leaderboard_section(body_md: str | None) -> str:
+    """The marked leaderboard section (markers included); a placeholder when there is no run."""
+    return f"{LEADERBOARD_BEGIN}\n{(body_md or LEADERBOARD_PLACEHOLDER).strip()}\n{LEADERBOARD_END}"
+
+
+def replace_leaderboard(card_text: str, body_md: str) -> str:
+    """Insert or replace the leaderboard section of a card; appended when the markers are absent."""
+    section = leaderboard_section(body_md)
+    pattern = re.compile(re.escape(LEADERBOARD_BEGIN) + r".*?" + re.escape(LEADERBOARD_END), re.S)
+    if pattern.search(card_text):
+        return pattern.sub(lambda _: section, card_text, count=1)
+    return card_text.rstrip() + "\n\n## Leaderboard\n\n" + section + "\n"
 
 
 def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
@@ -38,8 +57,6 @@ def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
 def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
     """Insert or replace the leaderboard section and eval_results of the card at `path`."""
     from huggingface_hub import EvalResult, ModelCard
-
-    from evomerge.card import replace_leaderboard
 
     text = path.read_text() if path.is_file() else ""
     if not text.lstrip().startswith("---"):

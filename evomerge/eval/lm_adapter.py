@@ -14,7 +14,7 @@ from evomerge.eval.tasks import generation_spec
 
 
 class BackendLM(LM):
-    """Forwards lm-eval requests to `backend` (evomerge.eval.backends.Backend)."""
+    """Forwards lm-eval requests to `backend` (evomerge.eval.protocol.Backend)."""
 
     def __init__(self, backend: Any) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.eval.lm_compat import load_task_yaml
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -36,12 +37,12 @@ def local_task_manager(specs: Sequence[str] = ()) -> Any:
     from lm_eval.tasks import TaskManager
 
     include = local_task_dirs()
-    for p in (_as_path(s) for s in specs):
+    for p in (as_path(s) for s in specs):
         folder = p if p is None or p.is_dir() else p.parent
         if folder is not None and folder not in include:
             include.append(folder)
     manager = TaskManager(include_defaults=False, include_path=include)
-    _inline_local_configs(manager.task_index)
+    inline_local_configs(manager.task_index)
     return manager
 
 
@@ -49,14 +50,14 @@ def build_lm_eval_tasks(specs: Sequence[str]) -> dict[str, Any]:
     """Spec strings -> {task name: lm-eval Task}, leaf tasks of groups included, in order."""
     from lm_eval.tasks import TaskManager
 
-    paths = [_as_path(s) for s in specs]
+    paths = [as_path(s) for s in specs]
     manager = local_task_manager(specs)
 
     names: list[str] = []
     registry_specs: list[str] = []
     for spec, path in zip(specs, paths, strict=True):
         if path is not None:
-            names.extend(_names_in_path(path))
+            names.extend(names_in_path(path))
         elif spec in manager.task_index:
             names.append(spec)
         else:
@@ -69,12 +70,12 @@ def build_lm_eval_tasks(specs: Sequence[str]) -> dict[str, Any]:
         registry = TaskManager()
         for spec in registry_specs:
             if spec not in registry.task_index:
-                raise ConfigError(_unknown(spec, manager.all_tasks, registry.all_tasks))
+                raise ConfigError(unknown_task(spec, manager.all_tasks, registry.all_tasks))
             tasks.update(_load(registry, spec))
     return tasks
 
 
-def _as_path(spec: str) -> Path | None:
+def as_path(spec: str) -> Path | None:
     """A spec is a path if it names an existing file/folder or looks like a YAML file."""
     p = Path(spec).expanduser()
     if p.exists():
@@ -84,14 +85,12 @@ def _as_path(spec: str) -> Path | None:
     return None
 
 
-def _names_in_path(path: Path) -> list[str]:
-    from lm_eval.tasks._yaml_loader import load_yaml
-
+def names_in_path(path: Path) -> list[str]:
     files = [path] if path.is_file() else sorted(path.glob("**/*.y*ml"))
     names = []
     for f in files:
         try:
-            cfg = load_yaml(f, resolve_func=False)
+            cfg = load_task_yaml(f, resolve_func=False)
         except Exception as exc:  # yaml errors and lm-eval's ValueError for non-dict files
             raise ConfigError(f"cannot read task YAML '{f}': {_one_line(exc)}") from None
         # in a folder only leaf tasks are taken (a group there repeats them)
@@ -103,16 +102,14 @@ def _names_in_path(path: Path) -> list[str]:
     return names
 
 
-def _inline_local_configs(index: dict[str, Any]) -> None:
+def inline_local_configs(index: dict[str, Any]) -> None:
     """Load each local YAML entry fully and make its data paths absolute (see module doc)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     for entry in index.values():
         if entry.yaml_path is None:
             continue
         folder = Path(entry.yaml_path).parent
         try:
-            cfg = load_yaml(entry.yaml_path, resolve_func=True)
+            cfg = load_task_yaml(entry.yaml_path, resolve_func=True)
         except Exception as exc:
             raise ConfigError(
                 f"cannot load task YAML '{entry.yaml_path}': {_one_line(exc)}"
@@ -161,7 +158,7 @@ def _load(manager: Any, name: str) -> dict[str, Any]:
         raise ConfigError(f"task '{name}': cannot load its data: {_one_line(exc)}") from None
 
 
-def _unknown(name: str, local: list[str], registry: list[str]) -> str:
+def unknown_task(name: str, local: list[str], registry: list[str]) -> str:
     close = difflib.get_close_matches(name, [*local, *registry], n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     where = ", ".join(str(d) for d in local_task_dirs()) or "no evals/ folder"

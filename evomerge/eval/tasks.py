@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from evomerge.errors import ConfigError
-from evomerge.eval.backends import GenerationSpec
 from evomerge.eval.early_exit import ExactAnswers, early_exit_blocker, exact_answers
+from evomerge.eval.lm_compat import filter_ensembles
+from evomerge.eval.protocol import GenerationSpec
 
 SPLITS = ("search", "heldout")
 LL_TYPES = ("loglikelihood", "multiple_choice")
@@ -160,7 +161,7 @@ class ProxyTask:
         for inst, resp in zip(insts, responses, strict=True):
             inst.resps = [resp]
             inst.filtered_resps = {}
-        filters = getattr(self._task, "_filters", None) or []
+        filters = filter_ensembles(self._task)
         for ensemble in filters:
             ensemble.apply(insts)
         key = filters[0].name if filters else None

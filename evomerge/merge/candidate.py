@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from evomerge.errors import ConfigError, MergeError, did_you_mean
 from evomerge.merge.arch import gradient_t
-from evomerge.merge.registry import MergeInputs, Method, get_method
-from evomerge.merge.resolve import base_index, input_refs, inputs_for_rows
+from evomerge.merge.contract import MergeInputs, Method
+from evomerge.merge.resolve import inputs_for_rows
+from evomerge.merge.table import get_method
 from evomerge.merge.threads import ThreadChoice
+from evomerge.recipe.schema import base_index, input_refs
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.recipe import MergeStage
+    from evomerge.recipe.schema import MergeStage
 
 
 class TensorSource(Protocol):
@@ -87,8 +89,8 @@ class CandidateMerger:
         count, whichever `apply` measures faster (see threads.py); elsewhere torch's)."""
         import torch
 
+        from evomerge.merge.buffers import Buffers
         from evomerge.merge.kernel import Kernels, compile_available
-        from evomerge.merge.methods import Scratch
         from evomerge.merge.sparsify import SparsifyCache
 
         self._refs = input_refs(stage)
@@ -104,7 +106,7 @@ class CandidateMerger:
         self._t = {name: gradient_t(name, num_layers) for name in names}
         self._deltas: dict[str, torch.Tensor] = {}
         self.cache = SparsifyCache()
-        self._scratch = Scratch()
+        self._scratch = Buffers()
         if compiled is None:
             entries = sum(r[0].numel() for r in self._rows.values())
             compiled = compile_available(device) and entries >= COMPILE_MIN_ENTRIES
@@ -198,12 +200,12 @@ class CandidateMerger:
         as one flat tensor (see _runs)."""
         import torch
 
+        from evomerge.common.device import torch_threads
         from evomerge.merge.methods import task_vectors
-        from evomerge.merge.pipeline import intra_op_threads
 
         self._check(stage)
         method = get_method(stage.merge_method)
-        with intra_op_threads(threads if method.fused else torch.get_num_threads()):
+        with torch_threads(threads if method.fused else torch.get_num_threads()):
             for names, inputs in self._runs(stage, method, target):
                 inputs.kernels = self.kernels
                 if method.task_vectors and not method.fused and inputs.base is not None:

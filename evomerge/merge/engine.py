@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge.common.model_dir import num_layers
 from evomerge.errors import ConfigError, MergeError
+from evomerge.merge.buffers import Buffers
 from evomerge.merge.io import CheckpointReader, open_checkpoint, torch_dtype
 from evomerge.merge.plan import (
     OutTensor,
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from evomerge.recipe import MergeStage, Recipe
+    from evomerge.recipe.schema import MergeStage, Recipe
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -49,29 +51,12 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 # ---- streaming ----------------------------------------------------------------------------------
 
 
-class Buffers:
-    """Reused buffers keyed by (role, shape, dtype): fresh tensors are slow (page faults)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._bufs: dict[tuple, torch.Tensor] = {}
-
-    def get(self, role: str, n: int, shape: tuple[int, ...], dtype=None) -> torch.Tensor:
-        import torch
-
-        dtype = dtype or torch.float32
-        key = (role, n, shape, dtype)
-        if key not in self._bufs:
-            self._bufs[key] = torch.empty((n, *shape), dtype=dtype, device=self.device)
-        return self._bufs[key]
-
-
 def _input_dtype(item: OutTensor, readers: Mapping[str, CheckpointReader]) -> torch.dtype:
     """The dtype the inputs are held in: their stored dtype when they share one that float32
     holds exactly and the method converts entry by entry (`fused`), else float32."""
     import torch
 
-    from evomerge.merge.registry import get_method
+    from evomerge.merge.table import get_method
 
     srcs = [*item.sources, *([item.base] if item.base is not None else [])]
     dtypes = {readers[k].dtype(n) for k, n in srcs}
@@ -100,7 +85,8 @@ def _read_stack(
     # a base that is not among the sources goes in the row after them, so the method's input
     # rows (models, then base: resolve.stack_rows) are this buffer, not a new (n + 1) copy
     dtype = _input_dtype(item, readers)
-    stacked = bufs.get("models", n + (item.base is not None), item.shape, dtype)  # (n [+ 1], ...)
+    rows = n + (item.base is not None)
+    stacked = bufs.get("models", (rows, *item.shape), dtype)  # (n [+ 1], ...)
     for i, (k, name) in enumerate(item.sources):
         readers[k].read_into(name, stacked[i])
     if item.base is not None:
@@ -111,23 +97,23 @@ def _read_stack(
 def _merge_one(item, readers, bufs, scratch, vocab, out_dtype, lock) -> torch.Tensor:
     """The merged tensor (in `bufs`, or new); reads hold `lock` (readers share files)."""
     from evomerge.merge.resolve import merge_tensor
-    from evomerge.recipe import base_index
+    from evomerge.recipe.schema import base_index
 
     with lock:
         stacked = _read_stack(item, readers, bufs, vocab)
     n = len(item.sources)
-    bi = base_index(item.stage)
-    if bi is not None:
+    bi = base_index(item.stage)  # < n: listed among the sources; n: appended (item.base)
+    if bi is not None and bi < n:
         base = stacked[bi]
-    elif item.base is not None:
+    elif bi is not None and item.base is not None:
         base = stacked[n] if stacked.shape[0] > n else None
         if base is None:  # vocabulary-aligned rows came without the base
-            base = bufs.get("base", 1, item.shape)[0]
+            base = bufs.get("base", item.shape)
             with lock:
                 readers[item.base[0]].read_into(item.base[1], base)
     else:
         base = None
-    out = bufs.get("out", 1, item.shape, out_dtype)[0]  # fused methods write it directly
+    out = bufs.get("out", item.shape, out_dtype)  # fused methods write it directly
     merged = merge_tensor(item.stage, item.name, stacked[:n], base, item.t, scratch=scratch,
                           out=out)  # fmt: skip
     if tuple(merged.shape) != item.shape:
@@ -146,7 +132,7 @@ def _workers(device: torch.device) -> int:
 
 
 def _open_all(stage, stages, allow_pickle, trust_remote_code) -> dict[str, CheckpointReader]:
-    from evomerge.recipe import stage_models
+    from evomerge.recipe.schema import stage_models
 
     readers: dict[str, CheckpointReader] = {}
     try:
@@ -178,18 +164,16 @@ def merge_stage(
     import torch
     from tqdm.auto import tqdm
 
-    from evomerge.merge.methods import Scratch
-    from evomerge.merge.pipeline import intra_op_threads, ordered_map
-    from evomerge.recipe import validate_layer_ranges
+    from evomerge.common.device import torch_threads
+    from evomerge.merge.pipeline import ordered_map
+    from evomerge.recipe.check import validate_layer_ranges
 
     readers = _open_all(stage, stages, allow_pickle, trust_remote_code)
     try:
         keys = list(readers)
         base_key = str(stage.base_model) if stage.base_model is not None else keys[0]
         check_compatible(readers, by_pattern=stage.slices is not None)
-        validate_layer_ranges(
-            stage, {k: int(r.config.get("num_hidden_layers", 0)) for k, r in readers.items()}
-        )
+        validate_layer_ranges(stage, {k: num_layers(r.config) or 0 for k, r in readers.items()})
         vocab_names = [n for n in readers[base_key].keys() if is_vocab_tensor(n)]
         dirs = {k: r.path for k, r in readers.items()}
         rows = {k: r.shape(vocab_names[0])[0] for k, r in readers.items()} if vocab_names else {}
@@ -207,7 +191,7 @@ def merge_stage(
         config = output_config(readers[base_key].config, readers, layer_map, vocab, dtype)
         tok_src, tok_files = tokenizer_files(stage, vocab, dirs, base_key)
         workers = _workers(device)
-        slots = [(Buffers(device), Scratch()) for _ in range(workers)]
+        slots = [(Buffers(device), Buffers(device)) for _ in range(workers)]  # reads, methods
         lock = threading.Lock()
 
         def merge(it: OutTensor, slot: int) -> tuple[OutTensor, torch.Tensor]:
@@ -216,7 +200,7 @@ def merge_stage(
 
         with (
             CheckpointWriter(target, max_shard_bytes=max_shard_bytes, dtype=dtype) as writer,
-            intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()),
+            torch_threads(1 if device.type == "cpu" else torch.get_num_threads()),
         ):
             writer.plan([(it.name, it.shape) for it in items])
             merged_items = ordered_map(merge, items, workers)
@@ -253,7 +237,7 @@ def _device(device: str) -> torch.device:
 def with_seeds(recipe: Recipe, seed: int | None) -> Recipe:
     """A copy whose stages carry the random_seed used: --seed overrides; a random method with
     no seed gets a fresh one, recorded so the merge can be reproduced from the saved recipe."""
-    from evomerge.merge.registry import get_method
+    from evomerge.merge.table import get_method
 
     recipe = copy.deepcopy(recipe)
     for st in recipe.stages:
@@ -265,7 +249,7 @@ def with_seeds(recipe: Recipe, seed: int | None) -> Recipe:
 
 
 def model_card(recipe: Recipe) -> str:
-    from evomerge.recipe import stage_models
+    from evomerge.recipe.schema import stage_models
 
     final = recipe.final
     models = "\n".join(f"- {m}" for m in stage_models(final))
@@ -292,7 +276,7 @@ def merge_recipe(
 ) -> Path:
     """Merge a recipe to disk; returns out_dir. Named intermediate stages live in a temporary
     folder beside the output and are removed at the end (success or failure)."""
-    from evomerge.recipe import dump_recipe
+    from evomerge.recipe.yaml_io import dump_recipe
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -325,7 +309,7 @@ def merge_recipe(
 
 
 def cli_merge(args: argparse.Namespace) -> int:
-    from evomerge.recipe import load_recipe
+    from evomerge.recipe.yaml_io import load_recipe
 
     recipe = load_recipe(args.recipe)
     out = merge_recipe(

@@ -28,7 +28,7 @@ from evomerge.merge import sparsify as sp
 from evomerge.merge.kernel import Kernels, Spec
 
 if TYPE_CHECKING:
-    from evomerge.merge.registry import MergeInputs
+    from evomerge.merge.contract import MergeInputs
 
 EAGER = Kernels(compiled=False)
 _KEEP_ALL = {  # keep arguments that keep every entry (density >= 1: no mask, no rescale)
@@ -204,11 +204,9 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
 
     empty(key, shape, like) returns a (possibly reused) buffer.
     """
-    from evomerge.merge.methods import non_base_rows
-
     base = inputs.base
     assert base is not None  # resolve guarantees a base for needs_base methods
-    idx = non_base_rows(inputs)
+    idx = inputs.non_base_rows()
     f32 = torch.empty(0, dtype=torch.float32, device=base.device)
     if not idx:
         return empty("out", tuple(base.shape), f32).copy_(base)

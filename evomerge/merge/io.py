@@ -19,7 +19,7 @@ from evomerge.errors import ConfigError, MergeError
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.recipe import ModelRef
+    from evomerge.recipe.schema import ModelRef
 
 MARKER = ".evomerge-output"  # written into every output folder: safe to overwrite later
 INDEX = "model.safetensors.index.json"

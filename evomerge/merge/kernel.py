@@ -229,16 +229,13 @@ class Kernels:
         machine a preempted worker stalls every op at its barrier (measured: 3x slower)."""
         import torch
 
-        step = CHUNK if str(device) == "cpu" else max(CHUNK, 1 << 24)
-        threads = torch.get_num_threads() if str(device) == "cpu" else 1
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
+        from evomerge.common.device import torch_threads
+
+        cpu = str(device) == "cpu"
+        step = CHUNK if cpu else max(CHUNK, 1 << 24)
+        with torch_threads(1 if cpu else torch.get_num_threads()):
             for a in range(0, n, step):
                 yield a, min(a + step, n)
-        finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
 
     def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int]) -> None:
         if self.compiled:

@@ -9,7 +9,6 @@ worker thread stalls the whole process at each barrier (measured on a loaded 2-c
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -43,18 +42,3 @@ def ordered_map(fn: Callable[[T, int], R], items: Iterable[T], workers: int) -> 
         finally:
             for f in pending:
                 f.cancel()
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[int]:
-    """torch's intra-op thread count set to n for the block; yields the previous count."""
-    import torch
-
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield before
-    finally:
-        if before != n:
-            torch.set_num_threads(before)

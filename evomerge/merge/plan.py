@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from evomerge.common.model_dir import num_layers
 from evomerge.errors import MergeError
 from evomerge.merge.arch import _LAYER, gradient_t, layer_index
 from evomerge.merge.tokenizer import VocabPlan, is_vocab_tensor
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from evomerge.merge.io import CheckpointReader
-    from evomerge.recipe import MergeStage
+    from evomerge.recipe.schema import MergeStage
 
 
 @dataclass
@@ -90,7 +91,7 @@ def check_compatible(readers: Mapping[str, CheckpointReader], by_pattern: bool) 
 
 def _view(stage: MergeStage, si: int) -> MergeStage:
     """A slice seen as a plain stage: its sources are the models, its parameters on top."""
-    from evomerge.recipe import InputModel
+    from evomerge.recipe.schema import InputModel
 
     sl = stage.slices[si]  # type: ignore[index]
     models = [InputModel(s.model, dict(s.parameters)) for s in sl.sources]
@@ -100,11 +101,11 @@ def _view(stage: MergeStage, si: int) -> MergeStage:
 
 
 def plan_models(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
-    from evomerge.recipe import base_index
+    from evomerge.recipe.schema import base_index
 
     keys = [str(m.model) for m in stage.models]
-    n_layers = int(readers[base_key].config.get("num_hidden_layers", 0))
-    separate_base = stage.base_model is not None and base_index(stage) is None
+    n_layers = num_layers(readers[base_key].config) or 0  # no count: layers at t = 1
+    separate_base = base_index(stage) == len(stage.models)  # an unlisted base: read apart
     out = []
     for name in readers[base_key].keys():
         base = (base_key, name) if separate_base else None
@@ -120,7 +121,7 @@ def plan_models(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
 def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
     """Output layers numbered consecutively across slices; layer j of a slice of length L comes
     from source layer layer_range[0] + j of each source, at gradient t = j / (L - 1)."""
-    from evomerge.recipe import base_index
+    from evomerge.recipe.schema import base_index
 
     out: list[OutTensor] = []
     layer_map: list[tuple[str, int]] = []  # output layer -> (model key, source layer)
@@ -131,7 +132,7 @@ def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
         lo, hi = sl.sources[0].layer_range
         suffixes = [n for n in first.keys() if layer_index(n) == lo]
         base = None
-        if stage.base_model is not None and base_index(stage, si) is None:
+        if base_index(view) == len(view.models):  # not among this slice's sources: read apart
             base = str(stage.base_model)
         for j in range(hi - lo):
             t = j / (hi - lo - 1) if hi - lo > 1 else 1.0  # mergekit: a 1-layer slice is at t=1
@@ -148,7 +149,7 @@ def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
     # source); other methods merge the first slice's sources at t = 0
     view = _view(stage, 0)
     if stage.merge_method == "passthrough":
-        from evomerge.recipe import InputModel
+        from evomerge.recipe.schema import InputModel
 
         src = stage.base_model or stage.slices[0].sources[0].model  # type: ignore[index]
         view = replace(view, models=[InputModel(src)])
@@ -171,6 +172,8 @@ def output_config(
     """Base config with the new layer count (per-layer lists re-indexed), vocab size, dtype."""
     cfg = copy.deepcopy(base_cfg)
     if layer_map is not None:
+        # the top-level key this function rewrites (not common.model_dir.num_layers, which
+        # also reads a nested text_config): per-layer lists beside it have this length
         old_n = int(base_cfg.get("num_hidden_layers", 0))
         cfg["num_hidden_layers"] = len(layer_map)
         for key, value in base_cfg.items():

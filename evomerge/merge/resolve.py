@@ -1,7 +1,8 @@
 """The single place where a recipe stage becomes per-tensor MergeInputs (mergekit's rules).
 
 Inputs: the stage's `models:` in order; an unlisted base_model is appended as the last
-input (as mergekit does), so base-ignoring methods (linear, karcher) merge it too.
+input (as mergekit does, recipe.schema.input_refs), so base-ignoring methods (linear,
+karcher) merge it too.
 Parameter lookup for one tensor at gradient position t, most specific first:
 model-scope: the model's own `parameters` -> the stage's `parameters` -> the declared default;
 global-scope: the stage's `parameters` -> the declared default. A filter list with no entry
@@ -14,36 +15,18 @@ import math
 from typing import TYPE_CHECKING
 
 from evomerge.errors import ConfigError, MergeError
-from evomerge.merge.registry import MergeInputs, Method, Param, get_method
-from evomerge.recipe import ModelRef, evaluate_setting
+from evomerge.merge.contract import MergeInputs, Method, Param
+from evomerge.merge.table import get_method
+from evomerge.recipe.schema import base_index, evaluate_setting, input_refs
 
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.merge.methods import Scratch
+    from evomerge.merge.buffers import Buffers
     from evomerge.merge.sparsify import SparsifyCache
-    from evomerge.recipe import MergeStage, ParamValue, Scalar
+    from evomerge.recipe.schema import MergeStage, ModelRef, ParamValue, Scalar
 
 _MISSING = object()
-
-
-def input_refs(stage: MergeStage) -> list[ModelRef]:
-    """The merge inputs in row order: `models:`, then base_model if it is not listed."""
-    refs = [m.model for m in stage.models]
-    dupes = sorted({str(r) for r in refs if refs.count(r) > 1})
-    if dupes:
-        raise ConfigError(f"models: each model may be listed once, but got {dupes} twice")
-    if stage.base_model is not None and stage.base_model not in refs:
-        refs.append(stage.base_model)
-    return refs
-
-
-def base_index(stage: MergeStage) -> int | None:
-    """Row of base_model among the merge inputs (its `models:` position, or len(models) when
-    it is appended because it is not listed); None without base_model."""
-    if stage.base_model is None:
-        return None
-    return input_refs(stage).index(stage.base_model)
 
 
 def _evaluate(value: ParamValue, tensor_name: str, t: float) -> Scalar | None:
@@ -214,7 +197,7 @@ def merge_tensor(
     base: torch.Tensor | None,
     t: float,
     cache: SparsifyCache | None = None,
-    scratch: Scratch | None = None,
+    scratch: Buffers | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor (the disk path). Returns a float32 tensor: a new one, or with

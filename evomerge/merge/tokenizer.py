@@ -21,7 +21,7 @@ from evomerge.errors import ConfigError, MergeError, did_you_mean
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.recipe import MergeStage
+    from evomerge.recipe.schema import MergeStage
 
 VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight")
 

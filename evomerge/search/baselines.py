@@ -12,16 +12,15 @@ Values outside the search bounds are clipped, so a baseline is always a valid tr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from evomerge.errors import ConfigError
-from evomerge.merge.registry import get_method
+from evomerge.merge.table import get_method
 from evomerge.recipe import evaluate_setting, load_recipe
+from evomerge.search.cells import Cell
+from evomerge.search.codec import Codec, Want
 from evomerge.search.params import ParamSpec
-from evomerge.search.space import Cell, SearchSpace
-
-Want = Callable[[ParamSpec, Cell], Any]
+from evomerge.search.space import SearchSpace
 
 
 def default_value(spec: ParamSpec) -> Any:
@@ -32,6 +31,10 @@ def default_value(spec: ParamSpec) -> Any:
     if isinstance(d, bool) or not isinstance(d, (int, float)):
         return (spec.low + spec.high) / 2
     return d  # for a relative parameter (epsilon) the absolute value; encode makes it a fraction
+
+
+def _defaults(spec: ParamSpec, cell: Cell) -> Any:
+    return default_value(spec)
 
 
 def _uniform(spec: ParamSpec, cell: Cell) -> Any:
@@ -75,23 +78,30 @@ def _from_recipe(space: SearchSpace, path: str) -> tuple[str, Want]:
     return stage.merge_method, want
 
 
-def baseline_trials(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
-    """(label, trial params) for every baseline the space asks for, in order."""
+def default_params(space: SearchSpace, method: str, parameterization: str = "logu") -> dict:
+    """Trial params of the `defaults` baseline: every parameter at its declared default."""
+    return Codec(space.spec, parameterization).encode(method, _defaults)
+
+
+def baseline_trials(
+    space: SearchSpace, parameterization: str = "logu"
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, trial params) for every baseline the space asks for, in order, encoded in the
+    searching sampler's simplex `parameterization` (decoding accepts either)."""
+    codec = Codec(space.spec, parameterization)
     out: list[tuple[str, dict[str, Any]]] = []
     for name in space.spec.baselines:
         if name not in ("uniform", "experts", "defaults"):
             method, want = _from_recipe(space, name)
-            out.append((f"recipe:{name}", space.encode(method, want)))
+            out.append((f"recipe:{name}", codec.encode(method, want)))
             continue
         for method in space.spec.methods:
             specs = space.spec.params[method]
             if name == "uniform":
-                out.append((f"uniform:{method}", space.encode(method, _uniform)))
+                out.append((f"uniform:{method}", codec.encode(method, _uniform)))
             elif name == "defaults":
-                out.append(
-                    (f"defaults:{method}", space.encode(method, lambda s, c: default_value(s)))
-                )
+                out.append((f"defaults:{method}", codec.encode(method, _defaults)))
             elif any(s.name == "weight" and s.searched and s.per_model for s in specs):
                 for k, label in enumerate(space.spec.labels):
-                    out.append((f"expert:{label}:{method}", space.encode(method, _expert(k))))
+                    out.append((f"expert:{label}:{method}", codec.encode(method, _expert(k))))
     return out

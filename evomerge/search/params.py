@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.errors import ConfigError, did_you_mean
-from evomerge.merge.registry import Method, Param
+from evomerge.errors import ConfigError, check_keys
+from evomerge.merge.contract import Method, Param
 
 PARAM_KEYS = (
     "low",
@@ -50,14 +50,6 @@ class ParamSpec:
     filters: tuple[str, ...] = ()
     rest: float | None = None  # fixed value of the filter list's default entry (else searched)
     relative_to: str | None = None
-
-
-def check_keys(data: dict, allowed: tuple[str, ...], where: str, what: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, but got {data!r}")
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"{where}: {did_you_mean(str(key), allowed, what)}")
 
 
 def _bound(value: Any, fallback: float | None, param: Param, where: str, side: str) -> float:

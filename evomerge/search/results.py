@@ -1,12 +1,8 @@
 """Reading a study back: trials.csv, the leaderboard, held-out scores, SearchOutcome.
 
 Where things are stored (so status and export can read them without the search process):
-- trial user attrs: `recipe` (YAML text), `proxy_<task>` (search-split means), `violation`,
-  `baseline` (label of an enqueued baseline), `fail_kind`/`fail_reason` for FAIL trials.
-- study user attrs: `space_yaml`, `space_path`, `sampler`, `seed`, `objective_names`,
-  `base_search`/`base_heldout` (the base model's per-task means), and `heldout_<number>` =
-  {"tasks": {task: mean}, "objective": [values]} for each trial re-scored on the held-out split
-  (finished trials cannot take new user attrs in Optuna, so these live on the study).
+- trial and study user attrs, named in keys.py. Held-out scores live on the study
+  (`heldout_<number>`), since finished trials cannot take new user attrs in Optuna.
 - results/<study>/search.json: study name, storage URL and space path.
 """
 
@@ -21,8 +17,9 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
+from evomerge.search import keys
 from evomerge.search.space import SearchSpace
-from evomerge.search.study import FAIL_KIND, open_storage, storage_url, trial_state
+from evomerge.search.study import open_storage, storage_url, trial_state
 
 META = "search.json"
 
@@ -62,11 +59,9 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def heldout_scores(study: Any) -> dict[int, dict[str, Any]]:
-    return {
-        int(k.removeprefix("heldout_")): v
-        for k, v in study.user_attrs.items()
-        if k.startswith("heldout_") and k.removeprefix("heldout_").isdigit()
-    }
+    """{trial number: {"tasks": {task: mean}, "objective": [values]}} of re-scored trials."""
+    numbered = ((keys.heldout_number(k), v) for k, v in study.user_attrs.items())
+    return {n: v for n, v in numbered if n is not None}
 
 
 def ranked(study: Any) -> list[Any]:
@@ -95,7 +90,7 @@ def trials_frame(study: Any, names: list[str] | None = None) -> Any:
     import pandas as pd
 
     held = heldout_scores(study)
-    names = names or study.user_attrs.get("objective_names") or ["objective"]
+    names = names or study.user_attrs.get(keys.OBJECTIVE_NAMES) or ["objective"]
     rows = []
     for t in study.get_trials(deepcopy=False):
         state = trial_state(t)
@@ -104,17 +99,17 @@ def trials_frame(study: Any, names: list[str] | None = None) -> Any:
             complete = state == "COMPLETE" and t.values and k < len(t.values)
             row[name] = t.values[k] if complete else None  # a PRUNED value is a partial estimate
         for key, v in sorted(t.user_attrs.items()):
-            if key.startswith("proxy_"):
+            if key.startswith(keys.PROXY_PREFIX):
                 row[key] = v
         h = held.get(t.number)
         if h:
             row.update({f"heldout_{task}": v for task, v in h["tasks"].items()})
             for k, name in enumerate(names):
                 row[f"heldout_{name}"] = h["objective"][k]
-        row["docs_scored"] = t.user_attrs.get("docs_scored")
+        row["docs_scored"] = t.user_attrs.get(keys.DOCS_SCORED)
         row["seconds"] = t.duration.total_seconds() if t.duration else None
-        row["baseline"] = t.user_attrs.get("baseline", "")
-        row["fail"] = t.user_attrs.get("fail_reason", "")
+        row["baseline"] = t.user_attrs.get(keys.BASELINE, "")
+        row["fail"] = t.user_attrs.get(keys.FAIL_REASON, "")
         row.update({f"params_{k}": v for k, v in t.params.items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -156,9 +151,9 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
     held-out scores, the base model's scores and the proxy/held-out Spearman correlation."""
     study, url, _meta = open_saved_study(study_dir, storage)
     attrs = study.user_attrs
-    if "space_yaml" not in attrs:
+    if keys.SPACE_YAML not in attrs:
         raise ConfigError(f"study '{study.study_name}' was not created by evomerge search")
-    space = SearchSpace.from_text(attrs["space_yaml"], source=attrs.get("space_path", "<space>"))
+    space = SearchSpace.from_text(attrs[keys.SPACE_YAML], attrs.get(keys.SPACE_PATH, "<space>"))
     directions = [d.name.lower() for d in study.directions]
     top = ranked(study)
     held = heldout_scores(study)
@@ -173,12 +168,12 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
         storage=url,
         space=space,
         directions=directions,
-        objective_names=attrs.get("objective_names", ["objective"]),
+        objective_names=attrs.get(keys.OBJECTIVE_NAMES, ["objective"]),
         best_trial=best,
         best_recipe=space.decode(best.params) if best else None,
         top_trials=top,
         heldout=held,
-        base={k: attrs[f"base_{k}"] for k in ("search", "heldout") if f"base_{k}" in attrs},
+        base={s: attrs[keys.base_key(s)] for s in keys.SPLITS if keys.base_key(s) in attrs},
         spearman=spearman([p[0] for p in pairs], [p[1] for p in pairs]),
         pareto=list(study.best_trials) if len(directions) > 1 else [],
         study=study,
@@ -239,19 +234,16 @@ def summary(recipe: Recipe, limit: int = 6) -> str:
     return " ".join(parts)
 
 
-def trial_line(st: Any, mine: dict, seconds: float) -> str:
+def trial_line(st: Any, number: int, recipe: Recipe | None, seconds: float) -> str:
     """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`."""
-    if "number" not in mine:
-        return ""
-    t = _get(st, mine["number"])
+    t = _get(st, number)
     state = trial_state(t)
-    scores = " ".join(f"{k[6:]} {v:.3f}" for k, v in t.user_attrs.items() if k.startswith("proxy_"))
+    scores = " ".join(f"{k} {v:.3f}" for k, v in keys.proxy_scores(t.user_attrs).items())
     vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
-    kind = t.user_attrs.get(FAIL_KIND, "")
-    what = summary(mine["recipe"]) if mine.get("recipe") else kind
+    what = summary(recipe) if recipe is not None else t.user_attrs.get(keys.FAIL_KIND, "")
     line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
-    if t.user_attrs.get("fail_reason"):
-        line += f" | {t.user_attrs['fail_reason']}"
+    if t.user_attrs.get(keys.FAIL_REASON):
+        line += f" | {t.user_attrs[keys.FAIL_REASON]}"
     top = ranked(st) if len(st.directions) == 1 else []
     return line + (f" | best #{top[0].number} {top[0].value:.4f}" if top else "")
 

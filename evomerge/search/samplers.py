@@ -13,13 +13,30 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, did_you_mean
+from evomerge.search.catalog import (
+    CONSTRAINED_SAMPLERS,
+    DEFAULT_PRUNER,
+    PRUNER_CLASSES,
+    PRUNERS,
+    SAMPLER_CLASSES,
+    SAMPLERS,
+)
+from evomerge.search.codec import Codec
 
 if TYPE_CHECKING:
     import optuna
 
-    from evomerge.search.space import SearchSpace
+    from evomerge.search.spec import SpaceSpec
 
-CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # read trial.constraints (set_constraint)
+__all__ = [  # the catalog's names stay importable from here (the CLI's --sampler choices)
+    "CONSTRAINED_SAMPLERS",
+    "DEFAULT_PRUNER",
+    "PRUNERS",
+    "SAMPLERS",
+    "make_pruner",
+    "make_sampler",
+    "options_for",
+]
 
 
 def _dirichlet_sampler_cls() -> type:
@@ -66,13 +83,10 @@ def _dirichlet_sampler_cls() -> type:
 
 
 def make_sampler(
-    name: str,
-    space: SearchSpace,
-    seed: int | None,
-    n_objectives: int,
-    options: dict[str, Any] | None = None,
+    name: str, space: SpaceSpec, seed: int | None, options: dict[str, Any] | None = None
 ) -> optuna.samplers.BaseSampler:
-    """A seeded sampler; it also switches the space to this sampler's simplex parameterization.
+    """A seeded sampler for the space (ConfigError if it cannot search it). Its trials are
+    asked through `Codec.for_sampler(space, name)`, the parameterization it expects.
 
     `options` (the space's `search.sampler_options`) are keyword arguments of the Optuna
     sampler's constructor, over evomerge's defaults. Constraints reach tpe/nsga2/gp through
@@ -80,16 +94,16 @@ def make_sampler(
     objective for the other samplers."""
     import optuna
 
-    space.use_sampler(name)
+    codec = Codec.for_sampler(space, name)
     if name == "dirichlet":
-        groups = [g for m in space.spec.methods for g in space.simplex_groups(m)]
+        groups = [g for m in space.methods for g in codec.simplex_groups(m)]
         dirichlet = _dirichlet_sampler_cls()
         check_options("dirichlet", dirichlet, options, {"groups", "seed"})
         return dirichlet(groups, seed=seed, **(options or {}))
     if name not in SAMPLER_CLASSES:
         raise ConfigError(f"unknown sampler '{name}'")
     cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
-    kwargs = {"seed": seed, **sampler_defaults(name, space), **(options or {})}
+    kwargs = {"seed": seed, **sampler_defaults(name), **(options or {})}
     check_options(name, cls, options, {"seed"})
     return _no_repeats_cls()(_construct(name, cls, kwargs, options))
 
@@ -158,17 +172,7 @@ def options_for(search: dict[str, Any], kind: str, name: str) -> dict[str, Any] 
     return table.get(name)
 
 
-SAMPLER_CLASSES = {
-    "tpe": "TPESampler",
-    "cmaes": "CmaEsSampler",
-    "gp": "GPSampler",
-    "nsga2": "NSGAIISampler",
-    "qmc": "QMCSampler",
-}
-SAMPLERS = (*SAMPLER_CLASSES, "dirichlet")  # dirichlet: ours, the random-search baseline
-
-
-def sampler_defaults(name: str, space: SearchSpace) -> dict[str, Any]:
+def sampler_defaults(name: str) -> dict[str, Any]:
     """evomerge's defaults for each Optuna sampler (see README, search benchmark)."""
     if name == "tpe":
         return {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
@@ -245,12 +249,3 @@ def make_pruner(
     cls = getattr(optuna.pruners, cls_name)
     check_options(name, cls, options, set())
     return _construct(name, cls, {**defaults, **(options or {})}, options), mode
-
-
-DEFAULT_PRUNER = "halving"  # measured best of median/halving on the zoo (README)
-PRUNER_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "wilcoxon": ("WilcoxonPruner", "examples", {"p_threshold": 0.1, "n_startup_steps": 8}),
-    "median": ("MedianPruner", "docs", {"n_startup_trials": 5, "n_warmup_steps": 0}),
-    "halving": ("SuccessiveHalvingPruner", "docs", {"reduction_factor": 3}),
-}
-PRUNERS = (*PRUNER_CLASSES, "none")

@@ -6,16 +6,16 @@ Parameter kinds, bounds and defaults come from the merge method registry (never 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import ConfigError, did_you_mean
-from evomerge.merge.registry import get_method
-from evomerge.search.params import ParamSpec, check_keys, method_params
-from evomerge.search.samplers import DEFAULT_PRUNER, PRUNERS, SAMPLERS
+from evomerge.common.model_dir import has_config, num_layers, read_config
+from evomerge.errors import ConfigError, check_keys, did_you_mean
+from evomerge.merge.table import get_method
+from evomerge.search.catalog import DEFAULT_PRUNER, PRUNERS, SAMPLERS
+from evomerge.search.params import ParamSpec, method_params
 
 TOP_KEYS = (
     "name",
@@ -141,15 +141,12 @@ def _objectives(data: dict, names: list[str], src: str) -> list[ObjectiveSpec]:
 
 
 def _num_layers(data: dict, base: str | None, models: list[str]) -> int | None:
+    """`num_layers:` if given, else the first local model folder's config (None if none)."""
     if data.get("num_layers") is not None:
         return int(data["num_layers"])
     for m in [base, *models]:
-        cfg = Path(m or "") / "config.json"
-        if m and cfg.is_file():
-            with open(cfg) as f:
-                conf = json.load(f)
-            conf = conf.get("text_config", conf)
-            return conf.get("num_hidden_layers") or conf.get("n_layer")
+        if m and has_config(m):
+            return num_layers(read_config(m))
     return None
 
 

