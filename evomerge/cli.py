@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-trials", type=int, default=None, help="budget in full trials' documents (default: 40)"
     )
     d.add_argument("--seed", type=int, default=0, help="search seed (default: 0)")
+    d.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="evaluator backend (default: hf)"
+    )
 
     mo = sub.add_parser("moe", help="build a mixture-of-experts model from dense experts")
     mo.add_argument("config", metavar="CONFIG.yaml")

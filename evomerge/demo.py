@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import ConfigError
 
@@ -67,7 +68,9 @@ def format_table(rows: list[Row], tasks: list[str]) -> str:
     return "\n".join([fmt.format(*head), *(fmt.format(*c) for c in lines)])
 
 
-def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[Row]:
+def run_demo(
+    results: Path, zoo: Path, n_trials: int | None, seed: int, backend: str = "hf"
+) -> list[Row]:
     from evomerge.export.run import export_study
     from evomerge.loop.run import run_search
     from evomerge.loop.workbench import LiveWorkbench
@@ -84,11 +87,10 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     space = SearchSpace.from_yaml(space_path)
     budget = n_trials or DEMO_TRIALS
 
-    def workbench() -> LiveWorkbench:  # one per study: each scores the base before merging
-        return LiveWorkbench.from_space(space, backend="hf", device="cpu")
-
-    wb = workbench()
-    sampler = space.spec.search.get("sampler", "tpe")
+    # one live model for both studies (a vLLM engine is costly to start): the second study
+    # gets the base put back first, since each study scores the base before merging
+    wb = LiveWorkbench.from_space(space, backend=backend, device="cpu")
+    sampler = space.default_sampler()
     print(
         f"[2/5] search: {sampler} with pruning, for the documents of {budget} full evaluations",
         file=sys.stderr,
@@ -103,7 +105,7 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     print(f"[3/5] baseline: Dirichlet random search, {budget} full trials", file=sys.stderr)
     rand = run_search(
         space_path, study="demo_dirichlet", n_trials=budget, sampler="dirichlet", prune=False,
-        quiet=True, workbench=workbench(), **common,
+        quiet=True, workbench=_base_restored(wb), **common,
     )  # fmt: skip
     print("[4/5] held-out scores of the base, each expert and the uniform merge", file=sys.stderr)
     rows = [Row("base", dict(main.base.get("heldout", {})))]
@@ -137,8 +139,13 @@ def run_demo(results: Path, zoo: Path, n_trials: int | None, seed: int) -> list[
     return rows
 
 
+def _base_restored(wb: Any) -> Any:
+    wb.restore_base()
+    return wb
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: expected a positive integer, but got {args.n_trials}")
-    run_demo(Path(args.results), Path(args.zoo), args.n_trials, int(args.seed))
+    run_demo(Path(args.results), Path(args.zoo), args.n_trials, int(args.seed), args.backend)
     return 0

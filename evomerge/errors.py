@@ -27,6 +27,11 @@ class CandidateError(EvomergeError):
     """One candidate failed (NaN logits, out of memory): the trial fails, the study goes on."""
 
 
+class IntegrityError(EvomergeError):
+    """A fast path (a backend, a transport, a kernel) disagreed with the plain path: the run
+    stops (exit 1) rather than publish numbers computed on corrupted weights."""
+
+
 class NotBuiltError(EvomergeError):
     """A command whose implementation has not landed yet."""
 

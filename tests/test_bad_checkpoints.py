@@ -1,6 +1,7 @@
 """Bad and untrusted checkpoints through `evomerge merge`: one clear line naming the file and
-tensor, exit 1 for a checkpoint that cannot be merged (MergeError) or 2 for input the user must
-change (ConfigError: no weights, pickles without --allow-pickle), and no output folder left."""
+tensor, exit 1 for a checkpoint that cannot be read (MergeError: corrupt, truncated, NaN) or 2
+for input the user must change (ConfigError: no weights, pickles without --allow-pickle, models
+that do not fit together), and no output folder left."""
 
 from __future__ import annotations
 
@@ -73,13 +74,14 @@ def test_garbage_header(tmp_path, pair, capsys):
 def test_shape_mismatch_names_the_tensor(tmp_path, tiny_model, capsys):
     models = [tiny_model("a", seed=1), tiny_model("b", seed=2, hidden=48)]
     code, err = merge(tmp_path, models, capsys)
-    assert_failed(tmp_path, code, err, 1, "tensor 'model.layers.0", "[32]", "[48]")
+    # models that do not fit together are the recipe's mistake: bad input, exit 2
+    assert_failed(tmp_path, code, err, 2, "tensor 'model.layers.0", "[32]", "[48]")
 
 
 def test_missing_tensor_names_it(tmp_path, pair, capsys):
     rewrite(pair[1], lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     code, err = merge(tmp_path, pair, capsys)
-    assert_failed(tmp_path, code, err, 1, "model.layers.1.mlp.up_proj.weight", "different tensors")
+    assert_failed(tmp_path, code, err, 2, "model.layers.1.mlp.up_proj.weight", "different tensors")
 
 
 def test_architecture_mismatch(tmp_path, pair, capsys):
@@ -87,7 +89,7 @@ def test_architecture_mismatch(tmp_path, pair, capsys):
     cfg["architectures"], cfg["model_type"] = ["MistralForCausalLM"], "mistral"
     (pair[1] / "config.json").write_text(json.dumps(cfg))
     code, err = merge(tmp_path, pair, capsys)
-    assert_failed(tmp_path, code, err, 1, "different architectures", "MistralForCausalLM")
+    assert_failed(tmp_path, code, err, 2, "different architectures", "MistralForCausalLM")
 
 
 def test_missing_shard_named_in_index(tmp_path, tiny_model, capsys):

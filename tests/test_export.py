@@ -105,7 +105,7 @@ def test_recipe_is_the_scored_trial_with_provenance(exported, study_dir: Path):
     assert stage.random_seed == 0  # what CandidateMerger used for a recipe without one
     prov = stage.provenance
     assert prov["study"] == "ta" and prov["trial"] == exported.trial
-    assert prov["sampler"] == "tpe" and prov["seed"] == 0 and prov["tasks"] == ["task0", "task1"]
+    assert prov["sampler"] == "gp" and prov["seed"] == 0 and prov["tasks"] == ["task0", "task1"]
     assert prov["torch"] == torch.__version__ and "transformers" in prov and "evomerge" in prov
     assert expand_ids(prov["doc_ids"]["task0"]["heldout"]) == list(range(1000, 1012))
     base = str(stage.base_model)
@@ -158,7 +158,7 @@ def test_card_front_matter_and_scores(exported, study_dir: Path):
     assert f"| base model | {base['task0']:.4f} | {base['task1']:.4f} |" in card.text
     assert "| uniform merge (task\\_arithmetic) |" in card.text
     assert "| a alone |" in card.text and "| b alone |" in card.text
-    assert "| sampler | tpe |" in card.text and f"| trials | {len(outcome.study.trials)} |" in (
+    assert "| sampler | gp |" in card.text and f"| trials | {len(outcome.study.trials)} |" in (
         card.text
     )
     assert "![optimization history](plots/optimization_history.png)" in card.text

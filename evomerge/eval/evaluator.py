@@ -61,7 +61,7 @@ class Evaluator:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}")
-        _check_chunks(chunks)
+        check_chunks(chunks)
         self.backend = backend
         self.tasks = list(tasks)
         self.chunks = list(chunks)
@@ -170,7 +170,7 @@ def _upto(size: int | None, n: int) -> int:
     return n if size is None else min(size, n)
 
 
-def _check_chunks(chunks: Sequence[int | None]) -> None:
+def check_chunks(chunks: Sequence[int | None]) -> None:
     if not chunks:
         raise ConfigError("chunks must hold at least one size (None = all documents)")
     sizes = [c for c in chunks if c is not None]

@@ -48,7 +48,8 @@ class Backend(Protocol):
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, tensor) pairs into the live model and drop any state computed from
-        the old weights."""
+        the old weights. A tensor may be a buffer the producer reuses for the next pair, so
+        each must be consumed (copied) before the next is drawn: never collect the pairs."""
         ...
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

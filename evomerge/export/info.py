@@ -62,6 +62,23 @@ def pick_trial(outcome: SearchOutcome, number: int | None) -> FrozenTrial:
     return trial
 
 
+def pick_note(outcome: SearchOutcome, trial: FrozenTrial, number: int | None) -> str | None:
+    """What the export says about its choice: the default pick and why (always for several
+    objectives: a front has many points), or how an explicit --trial relates to the front
+    and the constraint."""
+    from evomerge.search.results import feasible, pick_reason
+
+    multi = len(outcome.directions) > 1
+    if number is None:
+        return f"exported {pick_reason(outcome)}" if multi or not feasible(trial) else None
+    front = {t.number for t in outcome.pareto}
+    if not feasible(trial):
+        return f"trial {number} does not meet the constraint (max_drop)"
+    if multi and number not in front:
+        return f"trial {number} is not on the Pareto front ({', '.join(f'#{n}' for n in front)})"
+    return None
+
+
 def scored_recipe(outcome: SearchOutcome, trial: FrozenTrial) -> Recipe:
     """The recipe the search scored for `trial` (its stored YAML, else decoded from its params),
     with the random_seed the candidate used written out (CandidateMerger's default is 0)."""

@@ -136,7 +136,9 @@ def plot_pareto(study: optuna.Study, path: Path, highlight: int | None = None) -
         return "Pareto front skipped: no completed trial"
     plt = _pyplot()
     names = _objective_names(study)
-    front = {t.number for t in study.best_trials}
+    from evomerge.search.results import pareto_front  # the front status prints
+
+    front = {t.number for t in pareto_front(study)}
     fig, ax = plt.subplots(figsize=(6, 5))
     rest = [t for t in trials if t.number not in front]
     best = sorted((t for t in trials if t.number in front), key=lambda t: t.values[0])

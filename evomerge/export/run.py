@@ -51,7 +51,7 @@ def export_study(
     progress: bool = True,
 ) -> ExportResult:
     """Export trial `trial` (default: best held-out) of the study in `study_dir` to `out`."""
-    from evomerge.export.info import check_study_dir, pick_trial, scored_recipe
+    from evomerge.export.info import check_study_dir, pick_note, pick_trial, scored_recipe
     from evomerge.merge.writer import check_out_dir
     from evomerge.search.results import load_study_outcome
 
@@ -65,6 +65,8 @@ def export_study(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
         result = _write_all(outcome, chosen, recipe, tmp, out_dir, checkpoint, device, progress)
+        note = pick_note(outcome, chosen, trial)  # which point of a front, and why
+        result.notes[:0] = [note] if note else []
         _move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +92,9 @@ def _write_all(
     stage = recipe.final
     tasks = task_list(outcome, trial)
     names = [s.name for s in recipe.stages if s.name]
-    refs = [(r.path, r.revision) for s in recipe.stages for r in stage_models(s)]
+    models = [r for s in recipe.stages for r in stage_models(s)]
+    # a BASE+ADAPTER input: the base and the LoRA adapter folder are both sources
+    refs = [(r.path, r.revision) for m in models for r in (m.base, m.lora) if r is not None]
     stage.provenance = {
         **versions(),
         **study_provenance(outcome, trial, tasks),

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import CandidateError, ConfigError
+from evomerge.errors import CandidateError, ConfigError, EvomergeError
 from evomerge.loop.heldout import rescore_heldout
+from evomerge.loop.preflight import preflight, print_summary
 from evomerge.loop.trial import OverBudget, TrialScorer
 from evomerge.loop.workbench import LiveWorkbench, Workbench
 from evomerge.search import keys
@@ -114,8 +115,16 @@ def run_search(
         space, study=study, n_trials=n_trials, timeout=timeout, storage=storage,
         sampler=sampler, seed=seed, results=results,
     )  # fmt: skip
-    codec = space.codec(run.sampler)
-    wb = workbench or LiveWorkbench.from_space(space, backend, device)
+    # every check that needs no weights, before the workbench loads them (a given workbench
+    # stands in for the models and tasks)
+    pre = preflight(
+        space, run.sampler, run.seed, prune, backend=backend, resources=workbench is None
+    )
+    codec = pre.codec
+    print_summary(codec, run.sampler, quiet)
+    wb = workbench or LiveWorkbench.from_space(space, backend, device, tasks=pre.tasks)
+    if isinstance(wb, LiveWorkbench) and space.spec.eval.get("self_check", True):
+        wb.self_check()
     # storage (and the study folder) only once the models and tasks loaded: a bad input
     # leaves nothing behind
     obj = Objectives.build(space.spec.objectives, wb.higher_is_better, space.spec.max_drop)
@@ -241,9 +250,12 @@ def run_trials(
                 write_csv(st, run.study_dir)
                 csv_at = time.time()
             if scorer.number is not None:
-                line = trial_line(st, scorer.number, scorer.recipe, time.time() - t0)
+                line = trial_line(
+                    st, scorer.number, scorer.recipe, time.time() - t0, scorer.codec.space
+                )
                 _advance(bar, st, stop, line, quiet)
-    except KeyboardInterrupt:
+            scorer.check_streak(str(run.study_dir))
+    except (KeyboardInterrupt, EvomergeError):  # the failed trials stay readable in the csv
         write_csv(st, run.study_dir)
         bar.close()
         raise

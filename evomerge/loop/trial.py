@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from evomerge.errors import CandidateError, EvomergeError
+from evomerge.errors import CandidateError, ConfigError, EvomergeError, MergeError
 from evomerge.loop.workbench import Workbench
 from evomerge.recipe import Recipe, dump_recipe
 from evomerge.search import keys
@@ -20,10 +20,19 @@ from evomerge.search.study import over_budget
 
 # user attrs a repeated candidate takes from its twin (besides its proxy_<task> scores)
 COPIED = (keys.STOPPED_AT, keys.VIOLATION)
+# this many trials failing in a row stop the search: the space (or the models) is broken, and
+# spending the rest of the budget on failures would only hide it
+MAX_FAIL_STREAK = 5
+# what a candidate may raise while it is merged and scored: the trial fails, the study goes on
+TRIAL_ERRORS = (CandidateError, ConfigError, MergeError)
 
 
 class OverBudget(EvomergeError):
     """A worker asked for a trial when the budget was already taken by earlier trials."""
+
+
+class SearchStopped(EvomergeError):
+    """MAX_FAIL_STREAK trials in a row failed (exit 1; a ConfigError when the space is why)."""
 
 
 class Reporter:
@@ -80,6 +89,8 @@ class TrialScorer:
         self.base_search = study.user_attrs.get(keys.base_key("search"))
         self.number: int | None = None
         self.recipe: Recipe | None = None
+        # this worker's failures since its last scored trial: (number, reason, is a bad recipe)
+        self.streak: list[tuple[int, str, bool]] = []
 
     def __call__(self, trial: Any) -> Any:
         self.number, self.recipe = trial.number, None
@@ -88,6 +99,7 @@ class TrialScorer:
         trial.set_user_attr(keys.RECIPE, dump_recipe(self.recipe))
         twin = same_params(self.study, trial)
         if twin is not None:  # scoring is deterministic: the same candidate, the same scores
+            self.streak.clear()
             return self.answer_repeat(trial, twin)
         means, docs, pruned = self.evaluate(trial, self.recipe)
         for task, mean in means.items():
@@ -100,6 +112,7 @@ class TrialScorer:
             # the region the pruner just cut. trial_state() shows it as PRUNED, and it is
             # never ranked, re-scored on held-out or exported.
             trial.set_user_attr(keys.STOPPED_AT, docs)
+        self.streak.clear()
         return self.values(trial, means)
 
     def check_budget(self, trial: Any) -> None:
@@ -121,16 +134,23 @@ class TrialScorer:
 
     def evaluate(self, trial: Any, recipe: Recipe) -> tuple[dict[str, float], int, bool]:
         """(per-task means, documents scored, stopped by the pruner). A failing candidate
-        or Ctrl-C is recorded on the trial and raised on."""
+        (any TRIAL_ERRORS) or Ctrl-C is recorded on the trial and raised on; a candidate that
+        cannot be merged is raised as a CandidateError, which the loop's optimize() catches:
+        Optuna stores the trial as FAIL, which is what its samplers expect."""
         rep = Reporter(trial, self.obj, self.mode, self.wb.task_names)
         try:
             res = self.wb.evaluate(recipe, "search", on_chunk=rep)
             means = {t: float(s.mean) for t, s in res.tasks.items()}
             if not all(math.isfinite(v) for v in means.values()):
                 raise CandidateError(f"non-finite scores {means}")
-        except CandidateError as exc:
+        except TRIAL_ERRORS as exc:
+            unmergeable = not isinstance(exc, CandidateError)
+            reason = f"cannot merge: {exc}" if unmergeable else str(exc)
             trial.set_user_attr(keys.FAIL_KIND, keys.FAIL_CANDIDATE)
-            trial.set_user_attr(keys.FAIL_REASON, str(exc))
+            trial.set_user_attr(keys.FAIL_REASON, reason)
+            self.streak.append((trial.number, reason, isinstance(exc, ConfigError)))
+            if unmergeable:
+                raise CandidateError(reason) from exc
             raise
         except KeyboardInterrupt:
             trial.set_user_attr(keys.FAIL_KIND, keys.FAIL_INTERRUPTED)
@@ -139,6 +159,24 @@ class TrialScorer:
         if not rep.pruned and self.mode == "examples":
             rep.report_examples(res.per_example)  # the full set: later trials pair against it
         return means, sum(s.n for s in res.tasks.values()), rep.pruned
+
+    def check_streak(self, where: str) -> None:
+        """Stop the search after MAX_FAIL_STREAK failures in a row: a ConfigError (exit 2)
+        when every one was a recipe the space proposed and the method refused, else
+        SearchStopped (exit 1). `where`: the study folder, for the status hint."""
+        if len(self.streak) < MAX_FAIL_STREAK:
+            return
+        first, last = self.streak[0][0], self.streak[-1][0]
+        head = (
+            f"search stopped: {len(self.streak)} trials in a row failed (#{first}-#{last}); "
+            f"last, trial #{last}: {self.streak[-1][1]}"
+        )
+        if all(bad_recipe for _, _, bad_recipe in self.streak):
+            raise ConfigError(
+                f"{head}. The space proposes candidates its method cannot merge: narrow the "
+                f"bounds the reason names (every reason: evomerge status {where})"
+            )
+        raise SearchStopped(f"{head} (every reason: evomerge status {where})")
 
     def values(self, trial: Any, means: dict[str, float]) -> Any:
         """Objective values; the base constraint as trial.constraints, or as a penalty for

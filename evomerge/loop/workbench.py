@@ -28,6 +28,10 @@ class Workbench(Protocol):
         ...
 
 
+# (context, continuation) pairs whose log-probs fingerprint the live weights (any tokenizer)
+PROBES = [("The answer is", " 42"), ("add 12+30=", "42"), ("a", "b"), ("Once upon", " a time")]
+
+
 class LiveWorkbench:
     """Real merge + eval: one backend, one CandidateMerger, one Evaluator per process."""
 
@@ -40,25 +44,36 @@ class LiveWorkbench:
         seed: int,
         heldout_fraction: float,
         batch_size: int | str = 64,
+        verify_transfer: bool = True,
+        tasks: list[Any] | None = None,
     ) -> None:
         from evomerge.eval.backends import load_backend
         from evomerge.eval.evaluator import Evaluator
         from evomerge.eval.tasks import load_tasks
         from evomerge.merge.candidate import CandidateMerger
-        from evomerge.merge.io import open_checkpoint
+        from evomerge.merge.io import open_checkpoint, resolve_model_path
+        from evomerge.merge.plan import check_compatible
 
         spec = space.spec
-        self.tasks = load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
+        # tasks already loaded by the pre-flight checks are not loaded twice
+        self.tasks = tasks or load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
         self.task_names = [t.name for t in self.tasks]
         self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
+        extra = {"verify_transfer": verify_transfer} if backend == "vllm" else {}
         self.backend = load_backend(
-            backend, spec.base_model or spec.models[0], device=device, batch_size=batch_size
-        )
+            backend, resolve_model_path(spec.base_model or spec.models[0]),  # hub ids: HF cache
+            device=device, batch_size=batch_size,
+            **extra,
+        )  # fmt: skip
+        self.backend_name = backend
         # the merger's layout (inputs, tensors) is the same for every candidate: build it from
-        # the defaults of the first method
-        stage = space.decode(default_params(space, spec.methods[0])).final
+        # the defaults of the first method (also the self-check's probe candidate)
+        self.probe = space.decode(default_params(space, spec.methods[0]))
+        stage = self.probe.final
+        self.loaded_ref = str(stage.base_model or stage.models[0].model)
         refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
         sources = {str(r): open_checkpoint(r) for r in refs}
+        check_compatible(sources, by_pattern=False)  # unmergeable models: ConfigError, exit 2
         layers = spec.num_layers or num_layers(sources[str(refs[-1])].config) or 1
         self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
         pack = getattr(self.backend, "pack_live", None)  # optional: see HFBackend.pack_live
@@ -69,9 +84,14 @@ class LiveWorkbench:
 
     @classmethod
     def from_space(
-        cls, space: SearchSpace, backend: str | None = None, device: str | None = None
+        cls,
+        space: SearchSpace,
+        backend: str | None = None,
+        device: str | None = None,
+        tasks: list[Any] | None = None,
     ) -> LiveWorkbench:
-        """The workbench a space's `eval:` section describes (arguments override it)."""
+        """The workbench a space's `eval:` section describes (arguments override it);
+        `tasks`: the space's tasks when already loaded (loop/preflight.py)."""
         ecfg = space.spec.eval
         return cls(
             space,
@@ -81,6 +101,8 @@ class LiveWorkbench:
             int(ecfg.get("seed", 0)),
             float(ecfg.get("heldout_fraction", 0.5)),
             ecfg.get("batch_size", 64),
+            bool(ecfg.get("verify_transfer", True)),
+            tasks=tasks,
         )
 
     def first_chunk_docs(self) -> int:
@@ -93,14 +115,102 @@ class LiveWorkbench:
             raise EvomergeError("the base model must be scored before the first merge")
         try:
             if recipe is not None:
-                self._merged = True
-                live = self.backend.live_tensors()
-                if live is not None:
-                    self.merger.apply(recipe.final, live)
-                else:
-                    self.backend.load_weights(self.merger.merged(recipe.final))
+                self._push(recipe)
             return self.evaluator.evaluate(split=split, on_chunk=on_chunk)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if "out of memory" in str(exc).lower():
                 raise CandidateError(f"out of memory: {str(exc).splitlines()[0]}") from exc
             raise
+
+    def _push(self, recipe: Recipe) -> None:
+        """Write the candidate into the live model (in place) or push it to the engine."""
+        self._merged = True
+        live = self.backend.live_tensors()
+        if live is not None:
+            self.merger.apply(recipe.final, live)
+        else:
+            self.backend.load_weights(self.merger.merged(recipe.final))
+
+    def _push_plain(self, recipe: Recipe) -> None:
+        """The plain path the fast one must agree with: every merged tensor copied out of the
+        merger's buffers first, then written (HF) or pushed as owned tensors (vLLM)."""
+        import torch
+
+        pairs = [(n, t.clone()) for n, t in self.merger.merged(recipe.final)]
+        live = self.backend.live_tensors()
+        if live is None:
+            self.backend.load_weights(pairs)
+            return
+        with torch.no_grad():
+            for name, t in pairs:
+                live[name].copy_(t)
+
+    def restore_base(self) -> None:
+        """Put the model the backend loaded back in place, undoing any candidate."""
+        import torch
+
+        tensors = self.merger.source_tensors(self.loaded_ref)
+        live = self.backend.live_tensors()
+        if live is not None:
+            with torch.no_grad():
+                for name, t in tensors:
+                    live[name].copy_(t)
+        else:
+            probe = getattr(self.backend, "probe_update_mode", None)  # vLLM: settle the route
+            if probe is not None:
+                probe(list(tensors))
+            else:
+                self.backend.load_weights(tensors)
+        self._merged = False
+
+    def self_check(self) -> None:
+        """Start-up parity check of this platform's weight path: score the base on the first
+        chunk, push a candidate and score it, put the base back, and the base's per-example
+        scores must come back identical. A backend or transport that corrupts weights (the
+        vLLM path once scored every candidate 0) stops the run here, before any trial."""
+        from evomerge.errors import IntegrityError
+
+        first, ll = self._first_chunk(), self.backend.loglikelihood(PROBES)
+        self._push(self.probe)
+        fast = self.backend.loglikelihood(PROBES)
+        self._first_chunk()  # engine state computed from the candidate (caches) must not leak
+        self._push_plain(self.probe)
+        if self.backend.loglikelihood(PROBES) != fast:
+            raise IntegrityError(
+                f"self-check failed on backend '{self.backend_name}': a candidate written "
+                "through the search's fast path scores differently from the same candidate "
+                "copied in tensor by tensor (log-likelihoods of fixed probe texts differ)"
+            )
+        self.restore_base()
+        again = self._first_chunk()
+        # log-probs are exact fingerprints of the weights (a task where every candidate
+        # scores 0 could not tell the base from a candidate); same bytes, same kernels
+        if self.backend.loglikelihood(PROBES) != ll or again.per_example != first.per_example:
+            raise IntegrityError(
+                f"self-check failed on backend '{self.backend_name}': the base's scores "
+                f"changed after a candidate was pushed and the base put back "
+                f"({_first_difference(first.per_example, again.per_example)}); "
+                f"{self._first_changed_tensor()}"
+            )
+
+    def _first_chunk(self) -> Any:
+        return self.evaluator.evaluate(split="search", on_chunk=lambda k, r: False)
+
+    def _first_changed_tensor(self) -> str:
+        live = self.backend.live_tensors()
+        if live is None:
+            return "the engine's weights cannot be read back to name a tensor"
+        for name, t in self.merger.source_tensors(self.loaded_ref):
+            if not bool((live[name] == t.to(live[name].dtype)).all()):
+                return f"first tensor that differs from the loaded model: '{name}'"
+        return "every live tensor equals the loaded model's (state outside the weights)"
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    if a == b:
+        return "log-likelihoods of fixed probe texts differ"
+    for task in a:
+        for doc, score in a[task].items():
+            if b.get(task, {}).get(doc) != score:
+                return f"task {task}, doc {doc}: {score} before, {b.get(task, {}).get(doc)} after"
+    return "different documents scored"

@@ -119,8 +119,17 @@ class CandidateMerger:
     def tensor_names(self) -> list[str]:
         return list(self._rows)
 
+    def source_tensors(self, ref: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """One input model's resident tensors as they were read (views, not copies): what
+        puts a live model back to that input, e.g. the base after a candidate."""
+        if ref not in self._keys:
+            raise ConfigError(did_you_mean(ref, self._keys, "model source"))
+        i = self._keys.index(ref)
+        for name, rows in self._rows.items():
+            yield name, rows[i]
+
     def _meta(self, name: str, sources: Mapping[str, TensorSource]) -> tuple[tuple, object]:
-        """(shape, resident dtype) of tensor `name`, the same in every model (else MergeError)."""
+        """(shape, resident dtype) of tensor `name`, the same in every model (else ConfigError)."""
         import torch
 
         shapes, dtypes = [], []
@@ -132,13 +141,13 @@ class CandidateMerger:
                 else:
                     t = src.get_tensor(name)
                     shape, dtype = tuple(t.shape), t.dtype
-            except (KeyError, MergeError):
-                raise MergeError(f"model '{key}' has no tensor '{name}'") from None
+            except (KeyError, MergeError):  # models that do not fit together: bad input
+                raise ConfigError(f"model '{key}' has no tensor '{name}'") from None
             shapes.append(shape)
             dtypes.append(dtype)
         if len(set(shapes)) > 1:
             got = ", ".join(f"{k}: {s}" for k, s in zip(self._keys, shapes, strict=True))
-            raise MergeError(f"tensor '{name}' has different shapes across models: {got}")
+            raise ConfigError(f"tensor '{name}' has different shapes across models: {got}")
         dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float32
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dtype = torch.float32

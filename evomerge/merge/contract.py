@@ -167,6 +167,14 @@ class Method:
         f = load_function(self.function)
         return partial(f, **dict(self.options)) if self.options else f
 
+    def model_count_rule(self, n: int) -> str | None:
+        """None when `n` inputs (base included) suit the method, else the rule they break
+        ("exactly 2", "at least 2", "2 to 3")."""
+        lo, hi = self.min_models, self.max_models
+        if n >= lo and (hi is None or n <= hi):
+            return None
+        return f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+
     def param(self, name: str) -> Param | None:
         for p in self.params:
             if p.name == name:

@@ -266,30 +266,62 @@ class CheckpointReader:
         self.close()
 
 
-def resolve_model_path(ref: str | ModelRef, stages: Mapping[str, Path] | None = None) -> Path:
-    """A model reference -> a local folder: an earlier stage, a local folder, or the HF cache."""
-    text = str(ref)
-    path, sep, rev = text.partition("@")
-    revision = getattr(ref, "revision", None) or (rev if sep else None)
-    path = getattr(ref, "path", path)
-    if stages and path in stages:
-        return Path(stages[path])
+def _hub_folder(repo: str, revision: str | None, text: str, what: str) -> Path:
+    """A hub id's snapshot folder from the local Hugging Face cache, never the network."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        rev = f" at revision '{revision}'" if revision else ""
+        raise ConfigError(
+            f"{what} '{text}': expected a local folder or a hub id in the local Hugging Face "
+            f"cache, but '{repo}'{rev} is not in the cache at {constants.HF_HUB_CACHE} (set "
+            "HF_HUB_CACHE / HF_HOME to the cache that has it); evomerge uses no network: "
+            "download it first (hf download)"
+        ) from None
+
+
+def _folder(path: str, revision: str | None, text: str, what: str) -> Path:
+    """A local folder, else a hub id (`org/name`) resolved in the local HF cache."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local:
-        raise ConfigError(f"model '{text}': expected a model folder, but {local} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+        raise ConfigError(f"{what} '{text}': expected a folder, but {local} does not exist")
+    return _hub_folder(path, revision, text, what)
 
-    try:
-        return Path(snapshot_download(path, revision=revision, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        raise ConfigError(
-            f"model '{text}' is neither a local folder nor in the local Hugging Face cache "
-            "(HF_HOME); evomerge uses no network: download it first (huggingface-cli download)"
-        ) from None
+
+def _parse_ref(ref: str | os.PathLike | ModelRef) -> ModelRef:
+    from evomerge.recipe.schema import ModelRef
+
+    if isinstance(ref, ModelRef):
+        return ref
+    text = str(ref)
+    if Path(text).expanduser().is_dir():  # a folder whose name holds '@' or '+'
+        return ModelRef(text)
+    return ModelRef.parse(text)
+
+
+def resolve_model_path(
+    ref: str | os.PathLike | ModelRef, stages: Mapping[str, Path] | None = None
+) -> Path:
+    """A model reference -> a local folder: an earlier stage, a local folder, or the HF cache
+    (`org/name[@revision]`). For `BASE+ADAPTER`, the base's folder (config, tokenizer)."""
+    model = _parse_ref(ref)
+    if stages and model.path in stages:
+        return Path(stages[model.path])
+    return _folder(model.path, model.revision, str(ref), "model")
+
+
+def resolve_adapter_path(ref: str | ModelRef) -> Path | None:
+    """The LoRA adapter folder of a `BASE+ADAPTER` reference (None without an adapter)."""
+    lora = _parse_ref(ref).lora
+    if lora is None:
+        return None
+    return _folder(lora.path, lora.revision, str(lora), "LoRA adapter")
 
 
 def open_checkpoint(
@@ -299,6 +331,13 @@ def open_checkpoint(
     trust_remote_code: bool = False,
     stages: Mapping[str, Path] | None = None,
 ) -> CheckpointReader:
-    """Open a model for lazy reading (see resolve_model_path for how references resolve)."""
+    """Open a model for lazy reading (see resolve_model_path for how references resolve);
+    `BASE+ADAPTER` reads the base through the adapter (merge.lora.LoraReader)."""
     path = resolve_model_path(ref, stages)
-    return CheckpointReader(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    adapter = resolve_adapter_path(ref)
+    reader = CheckpointReader(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if adapter is None:
+        return reader
+    from evomerge.merge.lora import LoraReader
+
+    return LoraReader(reader, adapter)  # type: ignore[return-value]  # same reading interface

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.common.model_dir import num_layers
-from evomerge.errors import MergeError
-from evomerge.merge.arch import _LAYER, gradient_t, layer_index
+from evomerge.errors import ConfigError
+from evomerge.merge.arch import _LAYER, before_layers, gradient_t, layer_index
 from evomerge.merge.tokenizer import VocabPlan, is_vocab_tensor
 
 if TYPE_CHECKING:
@@ -49,8 +49,17 @@ def _pattern(name: str) -> str:
 # ---- checks before any tensor work ------------------------------------------------------------
 
 
+def _arch_name(config: Mapping[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    cls = ", ".join(map(str, archs)) or "no architectures"
+    return f"{cls}, model_type {config.get('model_type')!r}"
+
+
 def check_compatible(readers: Mapping[str, CheckpointReader], by_pattern: bool) -> None:
-    """Same architecture, same tensor names (or name patterns for slices), same shapes."""
+    """Same architecture, same tensor names (or name patterns for slices), same shapes.
+
+    Reads config.json and safetensors headers only. A mismatch is bad input (ConfigError,
+    exit 2): it is the recipe that names models that cannot be merged."""
     keys = list(readers)
     first = readers[keys[0]]
 
@@ -64,15 +73,16 @@ def check_compatible(readers: Mapping[str, CheckpointReader], by_pattern: bool) 
     for k in keys[1:]:
         r = readers[k]
         if arch(r) != arch(first):
-            raise MergeError(
-                f"models '{keys[0]}' and '{k}' have different architectures: "
-                f"{arch(first)} vs {arch(r)}"
+            raise ConfigError(
+                f"models '{keys[0]}' ({_arch_name(first.config)}) and '{k}' "
+                f"({_arch_name(r.config)}) have different architectures; a merge needs models "
+                "of one architecture"
             )
         other = names(r)
         diff = sorted(set(ref_names) ^ set(other))
         if diff:
             where = keys[0] if diff[0] in ref_names else k
-            raise MergeError(
+            raise ConfigError(
                 f"models '{keys[0]}' and '{k}' have different tensors: '{diff[0]}' is only in "
                 f"'{where}' ({len(diff)} differ)"
             )
@@ -81,8 +91,9 @@ def check_compatible(readers: Mapping[str, CheckpointReader], by_pattern: bool) 
                 continue  # checked against the tokenizer plan
             s0, s1 = first.shape(n), r.shape(other[pat])
             if s0 != s1:
-                raise MergeError(
-                    f"tensor '{n}' has shape {list(s0)} in '{keys[0]}' but {list(s1)} in '{k}'"
+                raise ConfigError(
+                    f"tensor '{n}' has shape {list(s0)} in '{keys[0]}' but {list(s1)} in '{k}': "
+                    "the models differ in size"
                 )
 
 
@@ -118,14 +129,41 @@ def plan_models(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
     return out, None
 
 
-def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
-    """Output layers numbered consecutively across slices; layer j of a slice of length L comes
-    from source layer layer_range[0] + j of each source, at gradient t = j / (L - 1)."""
+def _outer_tensors(
+    stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str, si: int, pre: bool
+) -> list[OutTensor]:
+    """The non-layer tensors on one side of the layers, merged over slice `si`'s sources at
+    t = 0, as mergekit 0.1.5's planner does (plan.py `plan_module`): the embeddings from the
+    first slice, the final norm and lm_head from the last one, so a frankenmerge ends with
+    the head its last layers were trained with."""
     from evomerge.recipe.schema import base_index
 
-    out: list[OutTensor] = []
+    view = _view(stage, si)
+    keys = [str(m.model) for m in view.models]
+    base_key_apart = str(stage.base_model) if base_index(view) == len(view.models) else None
+    out = []
+    for n in readers[base_key].keys():
+        if layer_index(n) is not None or before_layers(n) != pre:
+            continue
+        # mergekit skips an optional weight (a tied lm_head) that none of the sources has
+        if not any(n in readers[k].keys() for k in keys):
+            continue
+        base = (base_key_apart, n) if base_key_apart else None
+        out.append(OutTensor(n, readers[keys[0]].shape(n), [(k, n) for k in keys], base, view, 0.0))
+    return out
+
+
+def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base_key: str):
+    """Output layers numbered consecutively across slices; layer j of a slice of length L comes
+    from source layer layer_range[0] + j of each source, at gradient t = j / (L - 1). The
+    embeddings come from the first slice's sources, the final norm and lm_head from the last
+    slice's (_outer_tensors)."""
+    from evomerge.recipe.schema import base_index
+
+    slices = stage.slices or []
+    out = _outer_tensors(stage, readers, base_key, 0, pre=True)
     layer_map: list[tuple[str, int]] = []  # output layer -> (model key, source layer)
-    for si, sl in enumerate(stage.slices or []):
+    for si, sl in enumerate(slices):
         view = _view(stage, si)
         keys = [str(s.model) for s in sl.sources]
         first = readers[keys[0]]
@@ -145,20 +183,7 @@ def plan_slices(stage: MergeStage, readers: Mapping[str, CheckpointReader], base
                 name = rename_layer(n, len(layer_map))
                 out.append(OutTensor(name, first.shape(n), srcs, b, view, t))
             layer_map.append((keys[0], lo + j))
-    # embeddings, final norm, lm_head: passthrough copies them from the base (or the first
-    # source); other methods merge the first slice's sources at t = 0
-    view = _view(stage, 0)
-    if stage.merge_method == "passthrough":
-        from evomerge.recipe.schema import InputModel
-
-        src = stage.base_model or stage.slices[0].sources[0].model  # type: ignore[index]
-        view = replace(view, models=[InputModel(src)])
-    keys = [str(m.model) for m in view.models]
-    for n in readers[base_key].keys():
-        if layer_index(n) is None:
-            out.append(
-                OutTensor(n, readers[keys[0]].shape(n), [(k, n) for k in keys], None, view, 0.0)
-            )
+    out += _outer_tensors(stage, readers, base_key, len(slices) - 1, pre=False)
     return out, layer_map
 
 

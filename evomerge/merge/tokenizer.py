@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ConfigError, MergeError, did_you_mean
+from evomerge.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -285,11 +285,16 @@ def _added_tokens_decoder(tokenizer_json: str) -> dict[str, dict]:
     return {str(a["id"]): {k: a[k] for k in keys if k in a} for a in added}
 
 
-def check_vocab_rows(name: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Without a tokenizer plan, vocab tensors must agree in shape across models."""
+UNION_HINT = "set `tokenizer_source: union` (or base) to align embedding rows"
+
+
+def check_vocab_rows(
+    name: str, shapes: Mapping[str, tuple[int, ...]], hint: str = UNION_HINT
+) -> None:
+    """Without a tokenizer plan, vocab tensors must agree in shape across models. `hint`
+    says what to do about it (a search space, which has no tokenizer rule, says another)."""
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k}: {list(s)}" for k, s in shapes.items())
-        raise MergeError(
-            f"tensor '{name}' has different shapes ({desc}): the vocabularies differ; "
-            "set `tokenizer_source: union` (or base) to align embedding rows"
+        raise ConfigError(
+            f"tensor '{name}' has different shapes ({desc}): the vocabularies differ; {hint}"
         )

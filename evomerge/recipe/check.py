@@ -146,10 +146,9 @@ def _check_count(method: Method, refs: list[ModelRef], stage: MergeStage, where:
     """Count the inputs as the engine does: the listed models, plus an unlisted base_model."""
     base = stage.base_model
     seen = refs + ([base] if base is not None and base not in refs else [])
-    lo, hi = method.min_models, method.max_models
-    if len(seen) >= lo and (hi is None or len(seen) <= hi):
+    want = method.model_count_rule(len(seen))
+    if want is None:
         return
-    want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
     raise ConfigError(
         f"{where}: merge method '{method.name}' takes {want} models (base_model included), "
         f"but got {len(seen)}: {', '.join(map(str, seen))}"

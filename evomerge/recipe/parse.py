@@ -6,10 +6,12 @@ layer_range pairs, the tokenizer section); recipe.check then checks the meaning.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from evomerge.errors import ConfigError, check_keys
-from evomerge.recipe.check import stage_where, validate_recipe
+from evomerge.merge.table import METHODS
+from evomerge.recipe.check import _warn, stage_where, validate_recipe
 from evomerge.recipe.schema import (
     FilterEntry,
     InputModel,
@@ -32,7 +34,6 @@ _UNSUPPORTED = {
     "modules": "per-module merges ('modules:') are not supported yet; use 'models:' or 'slices:'",
     "base_model": "a per-slice base_model is not supported yet; set the top-level base_model",
     "residual_weight": "'residual_weight' in slices is not supported yet",
-    "lora": "LoRA adapters are not supported yet; merge the adapter into its model first",
     "override_architecture": "'override_architecture' is not supported yet",
 }
 
@@ -58,34 +59,51 @@ def _kind(raw: Any) -> str:
     )
 
 
-def _lora_error(where: str, text: str) -> ConfigError:
-    return ConfigError(f"{where}: '{text}' names a LoRA adapter; {_UNSUPPORTED['lora']}")
-
-
-def _parse_model_ref(raw: Any, where: str) -> ModelRef:
-    """`path`, `path@rev`, `{model: path, revision: rev}` or `{model: {path:, revision:}}`."""
+def _parse_path_ref(raw: Any, where: str) -> ModelRef:
+    """`path`, `path@rev`, `{path:, revision:}`: one model or adapter, no `+`."""
     if isinstance(raw, dict):
-        _check_keys(raw, ("model", "path", "revision"), where, ("lora", "override_architecture"))
-        inner, rev = raw.get("model", raw.get("path")), raw.get("revision")
-        if isinstance(inner, dict):
-            _check_keys(inner, ("path", "revision"), f"{where}.model")
-            inner, rev = inner.get("path"), inner.get("revision", rev)
-        ref = _parse_model_ref(inner, where)
-        if rev is None:
-            return ref
-        if ref.revision is not None:
+        _check_keys(raw, ("path", "revision"), where)
+        raw, rev = raw.get("path"), raw.get("revision")
+        ref = _parse_path_ref(raw, where)
+        if rev is not None and ref.revision is not None:
             raise ConfigError(f"{where}: revision given twice ('{ref}' and revision: {rev!r})")
-        return ModelRef(ref.path, str(rev))
+        return ref if rev is None else ModelRef(ref.path, str(rev))
     if not isinstance(raw, str) or not raw.strip():
         raise ConfigError(
             f"{where}: expected a model (org/name, org/name@revision or a folder), but got {raw!r}"
         )
-    if "+" in raw:
-        raise _lora_error(where, raw)
     ref = ModelRef.parse(raw)
     if raw.count("@") > 1 or not ref.path or ref.revision == "":
         raise ConfigError(f"{where}: expected 'path' or 'path@revision', but got {raw!r}")
     return ref
+
+
+def _parse_model_ref(raw: Any, where: str) -> ModelRef:
+    """`path[@rev]`, mergekit's `BASE+ADAPTER` (a PEFT LoRA folder), `{model: path,
+    revision: rev, lora: adapter}` or `{model: {path:, revision:}, lora: {path:, revision:}}`."""
+    if isinstance(raw, dict):
+        _check_keys(raw, ("model", "path", "revision", "lora"), where, ("override_architecture",))
+        inner, rev = raw.get("model", raw.get("path")), raw.get("revision")
+        if isinstance(inner, dict):
+            ref = _parse_path_ref(inner, f"{where}.model")
+        else:
+            ref = _parse_model_ref(inner, where)
+        if rev is not None:
+            if ref.revision is not None:
+                raise ConfigError(f"{where}: revision given twice ('{ref}' and revision: {rev!r})")
+            ref = ModelRef(ref.path, str(rev), ref.lora)
+        if raw.get("lora") is None:
+            return ref
+        if ref.lora is not None:
+            raise ConfigError(f"{where}: LoRA adapter given twice ('{ref}' and lora:)")
+        return ModelRef(ref.path, ref.revision, _parse_path_ref(raw["lora"], f"{where}.lora"))
+    if isinstance(raw, str) and "+" in raw:
+        if raw.count("+") > 1:
+            raise ConfigError(f"{where}: expected 'BASE+ADAPTER' (one '+'), but got {raw!r}")
+        head, _, adapter = raw.partition("+")
+        base = _parse_path_ref(head, where)
+        return ModelRef(base.path, base.revision, _parse_path_ref(adapter, f"{where} (adapter)"))
+    return _parse_path_ref(raw, where)
 
 
 def _parse_numbers(raw: list, where: str) -> list[float]:
@@ -250,9 +268,34 @@ def _opt_str(doc: dict, key: str, where: str) -> str | None:
     return value
 
 
+def _drop_misplaced_params(doc: dict, where: str) -> dict:
+    """The stage without merge parameters written beside `merge_method:` instead of under
+    `parameters:` (`int8_mask: true`, as some published recipes do). mergekit's config ignores
+    keys it does not know, so the recipe merges there as if they were absent: the same here,
+    with one warning. A key that is no parameter of any method stays an unknown key."""
+    names = {n for m in METHODS.values() for n in m.param_names}
+    for key in (k for k in doc if k not in names and k not in STAGE_KEYS):
+        close = difflib.get_close_matches(str(key), sorted(names), n=1)
+        if close and not difflib.get_close_matches(str(key), STAGE_KEYS, n=1):
+            raise ConfigError(
+                f"{where}: unknown key '{key}'. Did you mean '{close[0]}'? (a merge parameter, "
+                f"read under '{where}.parameters:')"
+            )
+    misplaced = [k for k in doc if k in names and k not in STAGE_KEYS]
+    if not misplaced:
+        return doc
+    keys = " and ".join(f"'{k}'" for k in misplaced)
+    _warn(
+        f"{where}: {keys} at the stage's top level {'is' if len(misplaced) == 1 else 'are'} "
+        f"ignored, as mergekit ignores {'it' if len(misplaced) == 1 else 'them'}; a merge "
+        f"parameter takes effect under '{where}.parameters:'"
+    )
+    return {k: v for k, v in doc.items() if k not in misplaced}
+
+
 def parse_stage(doc: Any, where: str) -> MergeStage:
     """One YAML document (a mergekit config plus evomerge's keys) -> MergeStage."""
-    doc = _mapping(doc, where, "a mapping (a mergekit config)")
+    doc = _drop_misplaced_params(_mapping(doc, where, "a mapping (a mergekit config)"), where)
     _check_keys(doc, STAGE_KEYS, where, ("modules",))
     method = doc.get("merge_method")
     if not isinstance(method, str) or not method:

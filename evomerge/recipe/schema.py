@@ -40,14 +40,24 @@ class ModelRef:
 
     path: str
     revision: str | None = None
+    lora: ModelRef | None = None  # a PEFT LoRA adapter applied to this model (`base+adapter`)
 
     def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
+        text = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{text}+{self.lora}" if self.lora is not None else text
+
+    @property
+    def base(self) -> ModelRef:
+        """The model without its adapter (whose folder holds the config and tokenizer)."""
+        return ModelRef(self.path, self.revision) if self.lora is not None else self
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
-        path, sep, rev = str(text).partition("@")
-        return cls(path=path, revision=rev if sep else None)
+        """`path`, `path@rev`, or mergekit's `BASE+ADAPTER` (each part `path[@rev]`)."""
+        head, plus, adapter = str(text).partition("+")
+        path, sep, rev = head.partition("@")
+        lora = cls.parse(adapter) if plus else None
+        return cls(path=path, revision=rev if sep else None, lora=lora)
 
 
 @dataclass

@@ -73,13 +73,16 @@ class _Settings:
 
     def at(self, param: ParamSpec, i: int, f: str | None, layer: int) -> Any:
         """The value model i's tensor of filter f in `layer` gets."""
-        if not param.searched:
+        if not param.searched and not param.relative_to:
             return param.fixed
         fk = (f if f in param.filters else "rest") if param.filters else None
         if fk == "rest" and param.rest is not None:
             return param.rest
         g = layer * param.groups // self.n_layers if param.groups > 1 else None
-        v = self.values[param.name][(i if param.per_model else None, fk, g)]
+        if param.searched:
+            v = self.values[param.name][(i if param.per_model else None, fk, g)]
+        else:  # a fixed fraction (an unset epsilon following its searched density)
+            v = param.fixed
         if param.relative_to:  # a fraction of min(d, 1 - d): never breaks its bound
             d = float(self.at(self.specs[param.relative_to], i, f, layer))
             return v * min(d, 1.0 - d)

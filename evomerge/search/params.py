@@ -29,6 +29,10 @@ PARAM_KEYS = (
 # a parameter searched as a fraction of a bound set by another: della's epsilon must stay below
 # min(density, 1 - density), so it is sampled as eps = frac * min(d, 1 - d) and never fails
 RELATIVE = {"epsilon": "density"}
+# left unset while its bound is searched, such a parameter follows the bound too, at the fraction
+# that gives the table's default at the bound's midpoint (della: 0.15 at density 0.5, i.e.
+# epsilon = 0.3 * min(density, 1 - density)): a fixed 0.15 would break every density above 0.85
+RELATIVE_MIDPOINT = 0.5
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,18 @@ def _param_spec(
     )
 
 
+def _searched_by_default(param: Param, space_names_some: bool) -> bool:
+    """A parameter the space does not name is searched with the method's declared bounds when
+    the method cannot run without it (required: weight, t), or, in a space that names no
+    parameter for the method, when the table gives it a search range (density, lambda...):
+    a minimal space searches what the method reads. A space that names parameters keeps the
+    optional ones it leaves out at their defaults (its author chose the dimensions)."""
+    if param.required:
+        return True
+    ranged = param.search_low is not None and param.kind in ("float", "int")
+    return ranged and not space_names_some
+
+
 def method_params(data: dict, method: Method, n_models: int, src: str) -> list[ParamSpec]:
     shared = data.get("parameters") or {}
     own = (data.get("method_parameters") or {}).get(method.name) or {}
@@ -147,6 +163,11 @@ def method_params(data: dict, method: Method, n_models: int, src: str) -> list[P
             specs.append(
                 _param_spec(name, raw, method, n_models, granularity, f"{src}: {section}.{name}")
             )
+    given = {s.name for s in specs}
+    for param in method.params:  # what the method reads and the space leaves out (see below)
+        if param.name not in given and _searched_by_default(param, bool(shared or own)):
+            where = f"{src}: method '{method.name}' parameter {param.name}"
+            specs.append(_param_spec(param.name, {}, method, n_models, granularity, where))
     for spec in specs:
         if spec.relative_to and not any(s.name == spec.relative_to for s in specs):
             specs.append(
@@ -159,4 +180,30 @@ def method_params(data: dict, method: Method, n_models: int, src: str) -> list[P
                     fixed=method.param(spec.relative_to).default or 1.0,
                 )
             )
+    specs += _following(specs, method)
     return sorted(specs, key=lambda s: s.relative_to is not None)
+
+
+def _following(specs: list[ParamSpec], method: Method) -> list[ParamSpec]:
+    """Fixed relative specs for the RELATIVE parameters a space leaves unset while their
+    bound is searched (see RELATIVE_MIDPOINT); decode writes their absolute values."""
+    named = {s.name: s for s in specs}
+    out = []
+    for name, bound in RELATIVE.items():
+        param, dep = method.param(name), named.get(bound)
+        if param is None or name in named or dep is None or not dep.searched:
+            continue
+        frac = float(param.default or 0.0) / min(RELATIVE_MIDPOINT, 1 - RELATIVE_MIDPOINT)
+        out.append(
+            ParamSpec(
+                name=name,
+                method=method.name,
+                scope=param.scope,
+                kind=param.kind,
+                searched=False,
+                fixed=frac,
+                relative_to=bound,
+                per_model=param.scope == "model",
+            )
+        )
+    return out

@@ -64,13 +64,42 @@ def heldout_scores(study: Any) -> dict[int, dict[str, Any]]:
     return {n: v for n, v in numbered if n is not None}
 
 
+def feasible(trial: Any) -> bool:
+    """Whether a trial meets the space's constraint (max_drop): violation <= 0, Optuna's
+    convention; a study without one stores 0."""
+    return float(trial.user_attrs.get(keys.VIOLATION, 0.0)) <= 0.0
+
+
+def _complete(study: Any) -> list[Any]:
+    return [t for t in study.get_trials(deepcopy=False) if trial_state(t) == "COMPLETE"]
+
+
+def pareto_front(study: Any) -> list[Any]:
+    """The fully evaluated feasible trials no other such trial dominates, by number ([] for
+    one objective). Optuna's best_trials also counts trials the pruner stopped (COMPLETE to
+    Optuna); this is the front that status prints and export picks from."""
+    if len(study.directions) < 2:
+        return []
+    signs = [1.0 if d.name == "MAXIMIZE" else -1.0 for d in study.directions]
+    pool = [t for t in _complete(study) if feasible(t)]
+    scored = [(t, [s * v for s, v in zip(signs, t.values, strict=True)]) for t in pool]
+
+    def dominated(a: list[float]) -> bool:
+        return any(all(x >= y for x, y in zip(b, a, strict=True)) and b != a for _, b in scored)
+
+    return [t for t, v in scored if not dominated(v)]
+
+
 def ranked(study: Any) -> list[Any]:
-    """Fully evaluated trials, best proxy first (first objective; Pareto front first when
-    several). Trials the pruner stopped are left out: their values come from fewer documents."""
-    done = [t for t in study.get_trials(deepcopy=False) if trial_state(t) == "COMPLETE"]
+    """Fully evaluated trials, best first: feasible ones before those breaking the constraint,
+    the Pareto front first when several objectives, then by the first objective's proxy.
+    Trials the pruner stopped are left out: their values come from fewer documents."""
     sign = 1.0 if study.directions[0].name == "MAXIMIZE" else -1.0
-    front = {t.number for t in study.best_trials} if len(study.directions) > 1 else set()
-    return sorted(done, key=lambda t: (t.number not in front, -sign * t.values[0], t.number))
+    front = {t.number for t in pareto_front(study)}
+    return sorted(
+        _complete(study),
+        key=lambda t: (not feasible(t), t.number not in front, -sign * t.values[0], t.number),
+    )
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -158,10 +187,15 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
     top = ranked(study)
     held = heldout_scores(study)
     sign = 1.0 if directions[0] == "maximize" else -1.0
-    rescored = [t for t in top if t.number in held]
+    front = pareto_front(study)
+    # the default pick: among the candidates (the Pareto front when several objectives, else the
+    # feasible trials), the best held-out first objective, else the best proxy one
+    pool = front if len(directions) > 1 else [t for t in top if feasible(t)] or top
+    rescored = [t for t in pool if t.number in held]
     best = max(rescored, key=lambda t: sign * held[t.number]["objective"][0], default=None)
-    best = best or (top[0] if top else None)
-    pairs = [(t.values[0], held[t.number]["objective"][0]) for t in rescored]
+    numbers = {t.number for t in pool}
+    best = best or next((t for t in top if t.number in numbers), top[0] if top else None)
+    pairs = [(t.values[0], held[t.number]["objective"][0]) for t in top if t.number in held]
     return SearchOutcome(
         study_name=study.study_name,
         study_dir=Path(study_dir),
@@ -175,7 +209,7 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
         heldout=held,
         base={s: attrs[keys.base_key(s)] for s in keys.SPLITS if keys.base_key(s) in attrs},
         spearman=spearman([p[0] for p in pairs], [p[1] for p in pairs]),
-        pareto=list(study.best_trials) if len(directions) > 1 else [],
+        pareto=front,
         study=study,
     )
 
@@ -196,51 +230,134 @@ def status_text(out: SearchOutcome, top: int = 20) -> str:
         "display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4f}".format
     ):
         lines.append(board[cols].to_string() if order else "no COMPLETE trial yet")
-    for k, (name, d) in enumerate(zip(out.objective_names, out.directions, strict=False)):
-        done = [t for t in out.top_trials]
-        if done:
-            pick = (max if d == "maximize" else min)(done, key=lambda t: t.values[k])
-            lines.append(f"best proxy {name} ({d}): trial {pick.number} = {pick.values[k]:.4f}")
-    if out.best_trial is not None and out.best_trial.number in out.heldout:
-        h = out.heldout[out.best_trial.number]["objective"][0]
-        lines.append(f"best held-out: trial {out.best_trial.number} = {h:.4f}")
+    lines += best_lines(out)
     if out.spearman is not None:
         lines.append(f"proxy vs held-out Spearman: {out.spearman:.3f} ({len(out.heldout)} trials)")
-    if out.pareto:
-        lines.append(
-            "Pareto front: "
-            + ", ".join(f"#{t.number} {tuple(round(v, 4) for v in t.values)}" for t in out.pareto)
-        )
+    if out.best_trial is not None:
+        lines.append(f"export default: {pick_reason(out)}")
+    failed = [t for t in out.study.get_trials(deepcopy=False) if t.user_attrs.get(keys.FAIL_REASON)]
+    if failed:
+        lines.append(f"failed trials ({len(failed)}), the last {min(len(failed), 5)}:")
+        lines += [f"  #{t.number}: {t.user_attrs[keys.FAIL_REASON]}" for t in failed[-5:]]
     for split, scores in out.base.items():
         lines.append(f"base ({split}): " + ", ".join(f"{t} {v:.4f}" for t, v in scores.items()))
     return "\n".join(lines)
 
 
-def summary(recipe: Recipe, limit: int = 6) -> str:
-    """Short params text: per-model scalars and global scalars (lists shown as [k vals])."""
-    st = recipe.final
-    parts = [st.merge_method]
+def _candidates(out: SearchOutcome) -> list[Any]:
+    """The trials "best" is chosen among: the Pareto front (several objectives), else the
+    feasible fully evaluated trials (ranked puts them first)."""
+    if len(out.directions) > 1:
+        return list(out.pareto)
+    return [t for t in out.top_trials if feasible(t)]
 
-    def fmt(v: Any) -> str:
-        return (
-            f"{v:.3g}"
-            if isinstance(v, float)
-            else (f"[{len(v)}]" if isinstance(v, list) else str(v))
+
+def best_lines(out: SearchOutcome) -> list[str]:
+    """Best proxy per objective (among the front / the feasible trials, so the lines agree
+    with the front and the export default), best held-out, and the front itself."""
+    pool = _candidates(out)
+    lines = []
+    if out.top_trials and not pool:
+        lines.append("no fully evaluated trial meets the constraint (max_drop)")
+    for k, (name, d) in enumerate(zip(out.objective_names, out.directions, strict=False)):
+        if pool:
+            pick = (max if d == "maximize" else min)(pool, key=lambda t: t.values[k])
+            lines.append(f"best proxy {name} ({d}): trial {pick.number} = {pick.values[k]:.4f}")
+    if out.best_trial is not None and out.best_trial.number in out.heldout:
+        h = out.heldout[out.best_trial.number]["objective"][0]
+        lines.append(f"best held-out: trial {out.best_trial.number} = {h:.4f}")
+    if out.pareto:
+        lines.append(
+            "Pareto front (feasible): "
+            + ", ".join(f"#{t.number} {tuple(round(v, 4) for v in t.values)}" for t in out.pareto)
         )
+    return lines
 
+
+def pick_reason(out: SearchOutcome) -> str:
+    """Which trial export takes by default, why, and how to take another."""
+    best = out.best_trial
+    if best is None:
+        return "none (no fully evaluated trial)"
+    name = out.objective_names[0] if out.objective_names else "objective"
+    held = "held-out" if best.number in out.heldout else "proxy"
+    if len(out.directions) > 1:
+        front = ", ".join(f"#{t.number}" for t in out.pareto)
+        why = (
+            f"the best {held} {name} (the first objective) of the {len(out.pareto)} points of "
+            f"the Pareto front ({front})"
+        )
+    elif feasible(best):
+        why = f"the best {held} {name} among the feasible trials"
+    else:
+        why = f"the best {held} {name}; no trial meets the constraint (max_drop)"
+    return (
+        f"trial {best.number}, {why}; take another with `evomerge export {out.study_dir} --trial N`"
+    )
+
+
+def _fmt(v: Any, groups: int | None) -> str:
+    """One recipe value for a trial line: a number, a gradient as its searched layer-group
+    values (`(0.41,0.77)`: the first layer of each of `groups` groups, as decode.py writes
+    them; runs of equal values when the group count is unknown), a filter list as
+    `{mlp:0.5,*:0.3}`."""
+    from evomerge.recipe import FilterEntry
+
+    if not isinstance(v, list):
+        one = f"{v:.3g}" if isinstance(v, float) else str(v)
+        # a layered value decode wrote as a scalar (every group equal) still shows its groups
+        return "(" + ",".join([one] * groups) + ")" if groups and groups > 1 else one
+    if v and isinstance(v[0], FilterEntry):
+        return "{" + ",".join(f"{e.filter or '*'}:{_fmt(e.value, groups)}" for e in v) + "}"
+    n = len(v)
+    if groups and groups <= n:
+        picks = [v[-(-g * n // groups)] for g in range(groups)]
+    else:
+        picks = [x for i, x in enumerate(v) if i == 0 or x != v[i - 1]]
+    return "(" + ",".join(_fmt(x, None) for x in picks) + ")"
+
+
+def space_groups(space: Any, method: str) -> dict[str, int]:
+    """{parameter: layer groups} of a method's searched parameters in a SpaceSpec (a relative
+    parameter varies with its bound's groups)."""
+    specs = {p.name: p for p in space.params.get(method, [])}
+    out = {}
+    for p in specs.values():
+        dep = specs.get(p.relative_to or "")
+        k = max(
+            p.groups if p.searched else 1, dep.groups if dep is not None and dep.searched else 1
+        )
+        if k > 1:
+            out[p.name] = k
+    return out
+
+
+def summary(recipe: Recipe, limit: int = 6, groups: dict[str, int] | None = None) -> str:
+    """Short params text: per-model values, then global ones; `groups` ({parameter: layer
+    groups}) shows a per-layer value as its group values."""
+    st = recipe.final
+    g = groups or {}
+    parts = [st.merge_method]
     for name in list(st.models[0].parameters)[:limit] if st.models else []:
-        parts.append(f"{name}=(" + ",".join(fmt(m.parameters.get(name)) for m in st.models) + ")")
-    parts += [f"{k}={fmt(v)}" for k, v in st.parameters.items()]
+        vals = ",".join(_fmt(m.parameters.get(name), g.get(name)) for m in st.models)
+        parts.append(f"{name}=({vals})")
+    parts += [f"{k}={_fmt(v, g.get(k))}" for k, v in st.parameters.items()]
     return " ".join(parts)
 
 
-def trial_line(st: Any, number: int, recipe: Recipe | None, seconds: float) -> str:
-    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`."""
+def trial_line(
+    st: Any, number: int, recipe: Recipe | None, seconds: float, space: Any = None
+) -> str:
+    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`
+    (`space`: the SpaceSpec, whose layer groups the per-layer values are shown by)."""
     t = _get(st, number)
     state = trial_state(t)
     scores = " ".join(f"{k} {v:.3f}" for k, v in keys.proxy_scores(t.user_attrs).items())
     vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
-    what = summary(recipe) if recipe is not None else t.user_attrs.get(keys.FAIL_KIND, "")
+    what = t.user_attrs.get(keys.FAIL_KIND, "")
+    if recipe is not None:
+        groups = space_groups(space, recipe.final.merge_method) if space is not None else None
+        what = summary(recipe, groups=groups)
     line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
     if t.user_attrs.get(keys.FAIL_REASON):
         line += f" | {t.user_attrs[keys.FAIL_REASON]}"

@@ -16,7 +16,7 @@ from evomerge.common.yaml_file import parse_yaml, read_yaml_file
 from evomerge.recipe import Recipe
 from evomerge.search.codec import Codec
 from evomerge.search.decode import decode
-from evomerge.search.spec import SpaceSpec, parse_space
+from evomerge.search.spec import SpaceSpec, default_sampler, parse_space
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SearchSpace:
         return Codec.for_sampler(self.spec, sampler)
 
     def default_sampler(self) -> str:
-        return self.spec.search.get("sampler", "tpe")
+        return self.spec.search.get("sampler", default_sampler(self.spec))
 
     def decode(self, params: Mapping[str, Any]) -> Recipe:
         """Trial params -> Recipe. Pure: depends only on `params` and the space."""

@@ -15,6 +15,7 @@ from evomerge.common.model_dir import has_config, num_layers, read_config
 from evomerge.errors import ConfigError, check_keys, did_you_mean
 from evomerge.merge.table import get_method
 from evomerge.search.catalog import DEFAULT_PRUNER, PRUNERS, SAMPLERS
+from evomerge.search.constraints import check_box
 from evomerge.search.params import ParamSpec, method_params
 
 TOP_KEYS = (
@@ -43,6 +44,8 @@ EVAL_KEYS = (
     "seed",
     "heldout_top_k",
     "batch_size",
+    "self_check",  # start-up: a candidate and back must leave the base's scores unchanged
+    "verify_transfer",  # vLLM: fingerprint every weight push against what was merged
 )
 SEARCH_KEYS = (
     "sampler",
@@ -142,9 +145,13 @@ def _objectives(data: dict, names: list[str], src: str) -> list[ObjectiveSpec]:
 
 def _num_layers(data: dict, base: str | None, models: list[str]) -> int | None:
     """`num_layers:` if given, else the first local model folder's config (None if none)."""
-    if data.get("num_layers") is not None:
-        return int(data["num_layers"])
+    n = data.get("num_layers")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"num_layers: expected an integer >= 1, but got {n!r}")
+        return n
     for m in [base, *models]:
+        m = m and m.partition("+")[0]  # BASE+ADAPTER: the base's config
         if m and has_config(m):
             return num_layers(read_config(m))
     return None
@@ -234,6 +241,7 @@ def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
         random_seed=data.get("random_seed"),
     )
     _check_rest(spec, data)
+    check_box(source, models, base, params)  # every point of the box must be mergeable
     return spec
 
 
@@ -246,7 +254,13 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
         raise ConfigError(
             f"{src}: eval.batch_size: expected an integer >= 1 or 'auto', but got {batch!r}"
         )
-    sampler = spec.search.get("sampler", "tpe")
+    for flag in ("self_check", "verify_transfer"):
+        if not isinstance(spec.eval.get(flag, True), bool):
+            raise ConfigError(
+                f"{src}: eval.{flag}: expected true or false, but got {spec.eval[flag]!r}"
+            )
+    _check_values(spec)
+    sampler = spec.search.get("sampler", default_sampler(spec))
     if sampler not in SAMPLERS:
         raise ConfigError(f"{src}: search.sampler: {did_you_mean(sampler, SAMPLERS, 'sampler')}")
     pruner = spec.search.get("pruner", DEFAULT_PRUNER)
@@ -272,6 +286,11 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
                 f"{src}: constraint.max_drop compares with the base model, "
                 "but no base_model is given"
             )
+        if not _number_ok(constraint["max_drop"], False, 0, True, None):
+            raise ConfigError(
+                f"{src}: constraint.max_drop: expected a number of points >= 0, "
+                f"but got {constraint['max_drop']!r}"
+            )
         spec.max_drop = float(constraint["max_drop"])
     if any(s.groups > 1 for ps in spec.params.values() for s in ps) and not spec.num_layers:
         raise ConfigError(
@@ -291,6 +310,52 @@ def _check_rest(spec: SpaceSpec, data: dict) -> None:
                 f"{src}: baselines: expected uniform, experts, defaults or a recipe "
                 f"YAML file, but got '{b}' (file not found)"
             )
+
+
+def default_sampler(spec: SpaceSpec) -> str:
+    """The sampler of a space that names none: GP (with the default pruner, the best of the
+    README's search benchmark), except for a choice between methods: each method's parameters
+    exist only in its own trials, and GP models only the parameters every trial shares
+    (the rest are drawn at random), so such a space gets TPE."""
+    return "tpe" if spec.categorical else "gp"
+
+
+# search:/eval: values read as numbers: (section, key) -> (integer?, low, low allowed?, high)
+_NUMBERS: dict[tuple[str, str], tuple[bool, float | None, bool, float | None]] = {
+    ("search", "n_trials"): (True, 1, True, None),
+    ("search", "timeout"): (False, 0, False, None),
+    ("search", "seed"): (True, None, True, None),
+    ("search", "heartbeat"): (True, 1, True, None),
+    ("search", "grace_period"): (True, 1, True, None),
+    ("search", "penalty"): (False, 0, True, None),
+    ("eval", "seed"): (True, None, True, None),
+    ("eval", "heldout_top_k"): (True, 0, True, None),
+    ("eval", "heldout_fraction"): (False, 0, True, 1),
+}
+
+
+def _number_ok(v: Any, integer: bool, low: float | None, closed: bool, high: float | None) -> bool:
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v:
+        return False  # YAML's true is not 1; NaN is no bound
+    if low is not None and (v < low if closed else v <= low):
+        return False
+    return high is None or v <= high
+
+
+def _check_values(spec: SpaceSpec) -> None:
+    """Every number of `search:` and `eval:`, checked here even when a command-line option
+    overrides it (`n_trials: many` is a broken space whatever --n-trials says)."""
+    for (section, key), (integer, low, closed, high) in _NUMBERS.items():
+        v = getattr(spec, section).get(key)
+        if v is None or _number_ok(v, integer, low, closed, high):
+            continue
+        rule = "" if low is None else f" {'>=' if closed else '>'} {low:g}"
+        rule = f" in [{low:g}, {high:g}]" if high is not None else rule
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{spec.source}: {section}.{key}: expected {what}{rule}, but got {v!r}")
+    device = spec.eval.get("device")
+    if device is not None and not isinstance(device, str):
+        raise ConfigError(f"{spec.source}: eval.device: expected cpu or cuda, but got {device!r}")
 
 
 def check_sampler(spec: SpaceSpec, sampler: str) -> None:

