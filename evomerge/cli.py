@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "export": "evomerge.export.run:cli_export",
     "eval": "evomerge.eval.cli:cli_eval",
     "leaderboard": "evomerge.eval.leaderboard:cli_leaderboard",
+    "plan": "evomerge.loop.plan:cli_plan",
     "zoo": "evomerge.zoo.build:cli_zoo",
     "demo": "evomerge.demo:cli_demo",
     "moe": "evomerge.moe.build:cli_moe",
@@ -69,10 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a trial as recipe, checkpoint, card and plots")
     e.add_argument("study_dir", metavar="results/NAME")
-    e.add_argument("--trial", type=int, default=None, help="trial number (default: best held-out)")
+    e.add_argument(
+        "--trial", type=int, default=None,
+        help="trial number (default: the best on the held-out selection part)",
+    )  # fmt: skip
     e.add_argument("--out", default=None, help="output folder (default: results/NAME/export)")
     e.add_argument("--storage", default=None, help="Optuna storage URL (default: the study's)")
     e.add_argument("--no-checkpoint", action="store_true", help="skip writing merged weights")
+    e.add_argument(
+        "--gguf", default=None, metavar="TYPE",
+        help="also write model-TYPE.gguf for llama.cpp: f16, bf16 or q8_0 (Llama, Mistral, Qwen2)",
+    )  # fmt: skip
     e.add_argument(
         "--push-to-hub", default=None, metavar="REPO", help="upload the export (needs a login)"
     )
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--batch-size", default="64", help="rows per forward pass, or 'auto' (hf: a token budget)"
     )
+    _engine_and_task_options(ev)
 
     lb = sub.add_parser("leaderboard", help="full lm-eval suite on a model, into its card")
     lb.add_argument("model_dir", metavar="MODEL_DIR")
@@ -105,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lb.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     lb.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    _engine_and_task_options(lb)
+
+    pl = sub.add_parser("plan", help="models, genome and memory plan of a space (loads no weights)")
+    pl.add_argument("space", metavar="SPACE.yaml")
+    pl.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: the space's, cpu)"
+    )
+    pl.add_argument(
+        "--gpu-memory", default=None, metavar="SIZE", help="e.g. 80GiB (default: the device's)"
+    )
+    pl.add_argument(
+        "--backend", default=None, choices=["hf", "vllm"], help="(default: the space's)"
+    )
+    pl.add_argument("--results", default="results", help="where studies are (default: results)")
+    pl.add_argument("--study", default=None, help="study name for timings (default: the space's)")
+    pl.add_argument("--no-tasks", action="store_true", help="skip loading the tasks (documents)")
 
     z = sub.add_parser("zoo", help="build the tiny offline model zoo (idempotent)")
     z.add_argument("--out", default="zoo", help="output folder (default: zoo)")
@@ -126,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("out_dir", metavar="OUT_DIR")
     mo.add_argument("--device", default="cpu", help="cpu or cuda for the router fit (default: cpu)")
     return p
+
+
+def _engine_and_task_options(p: argparse.ArgumentParser) -> None:
+    """The space's `eval.vllm:` and `eval.lm_eval:` as flags (lm-eval's own spellings too)."""
+    p.add_argument(
+        "--vllm-arg", action="append", default=None, metavar="KEY=VALUE",
+        help="a vllm.LLM argument, e.g. gpu_memory_utilization=0.5 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--apply-chat-template", "--apply_chat_template", action="store_true", default=None,
+        help="build the prompts through the model's chat template",
+    )  # fmt: skip
+    p.add_argument("--system-instruction", "--system_instruction", default=None, metavar="TEXT")
+    p.add_argument(
+        "--fewshot-as-multiturn", "--fewshot_as_multiturn",
+        action=argparse.BooleanOptionalAction, default=None,
+        help="few-shot examples as chat turns (with a chat template; default: on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gen-kwargs", "--gen_kwargs", default=None, metavar="K=V,K2=V2",
+        help="generation arguments for generate_until tasks, as lm-eval reads them",
+    )  # fmt: skip
 
 
 def _resolve(target: str) -> Callable[[argparse.Namespace], int] | None:

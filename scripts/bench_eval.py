@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.01, help="relative weight noise per candidate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where bench_eval.json/.md go (default: results/bench/)")  # fmt: skip
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -306,10 +308,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}: tasks {', '.join(Path(s).stem for s in specs)}")
             rows.append(bench_model(m, specs, args, Path(tmp)))
             rows[-1]["model"] = "SmolLM2-135M" if m in smol else m.name
-    print_table(rows, args)
-    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs; torch threads {args.threads}")  # fmt: skip
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as table:  # printed, and the summary
+        print_table(rows, args)
+        print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f} "
+              f"on {os.cpu_count()} CPUs; torch threads {args.threads}")  # fmt: skip
+    print(table.getvalue(), end="")
+    save_report(rows, table.getvalue(), specs, args)
     return 0 if all(r["identical"] for r in rows) else 1
+
+
+def save_report(rows: list[dict], table: str, specs: list[str], args: argparse.Namespace) -> None:
+    """results/bench/bench_eval.json + .md (date, machine, versions): the README's figures."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_report import BENCH_DIR, environment, write_report
+
+    env = environment(**{"lm_eval": _lm_eval_version()})
+    data = {"tasks": [Path(s).stem for s in specs], "batch_size": args.batch_size,
+            "candidates": args.candidates, "threads": args.threads, "rows": rows}  # fmt: skip
+    summary = ["Seconds per candidate (steady state)", "", "```", *table.strip("\n").split("\n"),
+               "```"]  # fmt: skip
+    write_report("bench_eval", "Evaluation benchmark: evomerge vs lm-eval", env, data, summary,
+                 args.out_dir or BENCH_DIR)  # fmt: skip
+
+
+def _lm_eval_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 if __name__ == "__main__":

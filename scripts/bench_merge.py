@@ -218,42 +218,64 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (copy bandwidth)")
     ap.add_argument("--candidate-threads", type=int,
                     help="CandidateMerger kernel threads (default: measured)")  # fmt: skip
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where bench_merge.json/.md go (default: results/bench/)")  # fmt: skip
     args = ap.parse_args()
     methods = args.methods.split(",")
     mk_bin = ensure_mergekit()
     models = prepare_models(args.base)
+    lines: list[str] = []  # printed, and the markdown summary
+
+    def say(line: str) -> None:
+        print(line)
+        lines.append(line)
+
+    inplace: dict = {}
     with tempfile.TemporaryDirectory(dir=CACHE) as d:
         tmp = Path(d)
         # (a) first, while this process is small: a child's peak RSS starts from its parent's
         load = os.getloadavg()[0]
         disk = bench_disk(methods, models, mk_bin, tmp)
-        print(f"(a) disk merge, SmolLM2-135M bf16, base + 2 variants: wall s / peak RSS MB "
-              f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")  # fmt: skip
+        say(f"(a) disk merge, SmolLM2-135M bf16, base + 2 variants: wall s / peak RSS MB "
+            f"(load average {load:.2f} -> {os.getloadavg()[0]:.2f})")  # fmt: skip
         for m, r in disk.items():
             (ew, er), (mw, mr) = r["evomerge"], r["mergekit"]
-            print(f"  {m:10s} evomerge {ew:6.2f} s {er:7.0f} MB | mergekit {mw:6.2f} s {mr:7.0f} MB"
-                  f" | speed-up {mw / ew:5.2f}x, memory ratio {er / mr:4.2f}")  # fmt: skip
+            say(f"  {m:10s} evomerge {ew:6.2f} s {er:7.0f} MB | mergekit {mw:6.2f} s {mr:7.0f} MB"
+                f" | speed-up {mw / ew:5.2f}x, memory ratio {er / mr:4.2f}")  # fmt: skip
         import torch
 
         torch.set_num_threads(args.threads)
         bw = copy_bandwidth()
-        print(
-            f"(c) memory bandwidth: fp32 copy {bw:.1f} GB/s (read + write), {args.threads} threads"
-        )
-        if args.skip_b:
-            return
-        load = os.getloadavg()[0]
-        inplace = bench_inplace(methods, models, mk_bin, tmp, args.candidate_threads)
-    print("(b) one candidate: in-place apply (resident inputs) vs mergekit run_merge "
-          f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, "
-          f"median of 9; threads {args.candidate_threads or 'measured'})")  # fmt: skip
+        say(f"(c) memory bandwidth: fp32 copy {bw:.1f} GB/s (read + write), {args.threads} threads")
+        if not args.skip_b:
+            load = os.getloadavg()[0]
+            inplace = bench_inplace(methods, models, mk_bin, tmp, args.candidate_threads)
+    if inplace:
+        say("(b) one candidate: in-place apply (resident inputs) vs mergekit run_merge "
+            f"(load {load:.2f} -> {os.getloadavg()[0]:.2f}, "
+            f"median of 9; threads {args.candidate_threads or 'measured'})")  # fmt: skip
     for m, r in inplace.items():
         traffic = (r["in_bytes"] + 4) * r["numel"] / r["evomerge"] / 1e9  # inputs + fp32 output
-        print(f"  {m:10s} evomerge {r['evomerge']:6.3f} s | mergekit {r['mergekit']:6.2f} s | "
-              f"speed-up {r['mergekit'] / r['evomerge']:6.1f}x | {traffic:5.1f} GB/s = "
-              f"{traffic / bw:4.0%} of copy bandwidth | first {r['first']:5.1f} s | "
-              f"{r['threads']} threads")  # fmt: skip
-    print(json.dumps({"disk": disk, "inplace": inplace, "copy_GBps": bw}))
+        say(f"  {m:10s} evomerge {r['evomerge']:6.3f} s | mergekit {r['mergekit']:6.2f} s | "
+            f"speed-up {r['mergekit'] / r['evomerge']:6.1f}x | {traffic:5.1f} GB/s = "
+            f"{traffic / bw:4.0%} of copy bandwidth | first {r['first']:5.1f} s | "
+            f"{r['threads']} threads")  # fmt: skip
+    data = {"disk": disk, "inplace": inplace, "copy_GBps": bw}
+    print(json.dumps(data))
+    save_report(data, lines, mk_bin, args.out_dir)
+
+
+def save_report(data: dict, lines: list[str], mk_bin: Path, out_dir: Path | None) -> None:
+    """results/bench/bench_merge.json + .md (date, machine, versions): the README's figures."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_report import BENCH_DIR, environment, write_report
+
+    code = "import importlib.metadata as m; print(m.version('mergekit'))"
+    mk = subprocess.run([str(mk_bin / "python"), "-c", code], capture_output=True, text=True)
+    env = environment(mergekit=mk.stdout.strip() or "?")
+    summary = ["```", *lines, "```"]
+    write_report("bench_merge", "Merge benchmark: evomerge vs mergekit", env, data, summary,
+                 out_dir or BENCH_DIR)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ Design
   it (sampler seed and history), never on the total budget, for tpe, cmaes, gp, dirichlet and
   the median pruner alike (tests/test_bench_search.py checks the samplers on a fake workbench).
 - At budget k the pick is the COMPLETE trial with the best search-split objective among the
-  trials within the budget (ties: the earlier trial), and its score is that trial's held-out
-  objective (documents the search never saw). Held-out scores are computed only for trials that
+  trials within the budget (ties: the earlier trial): chosen on the search split, and its score
+  is that trial's objective on the held-out test part (documents neither the search nor any
+  choice saw; the same part the card and `evomerge status` report, so the figures compare).
+  Held-out scores are computed only for trials that
   were the running best at some point (cached on the study), which covers every budget and the
   cost curves.
 - Pruning: the cost at which the pruned config's mean (over seeds) best held-out first reaches
@@ -206,6 +208,7 @@ def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
     from evomerge.loop.heldout import score_heldout
     from evomerge.loop.run import run_search
     from evomerge.loop.workbench import LiveWorkbench
+    from evomerge.search import keys
     from evomerge.search.objective import Objectives
     from evomerge.search.space import SearchSpace
     from evomerge.search.study import DocsBudget
@@ -237,7 +240,12 @@ def run_one(space_path: Path, config: str, seed: int, max_budget: int) -> Run:
         "config": config,
         "seed": seed,
         "trials": trials,
-        "heldout": {str(t.number): held[t.number]["objective"][0] for t in picks},
+        # the test part (the whole held-out split when a task has under 2 held-out documents)
+        "heldout": {
+            str(t.number): keys.heldout_part(held[t.number], "test")["objective"][0] for t in picks
+        },
+        "chosen_on": "search split (proxy)",
+        "tested_on": "held-out test part",
         "full_docs": max(t["docs"] for t in trials if t["state"] == "COMPLETE"),
         "max_budget": max_budget,
         "load_start": load0,

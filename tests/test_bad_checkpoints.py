@@ -6,6 +6,7 @@ that do not fit together), and no output folder left."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -169,22 +170,36 @@ def test_remote_code_is_never_run_by_merge(tmp_path, pair, capsys):
     assert default is False  # the evaluator loads custom code only when asked
 
 
-def test_tensor_name_with_dotdot_stays_inside(tmp_path, pair, capsys, read_tensors):
-    evil = "../../escape"
+ABS_ESCAPE = f"/tmp/evomerge-abs-escape-{os.getpid()}"
+
+
+@pytest.mark.parametrize("evil", ["../../escape", "../escape", ABS_ESCAPE])
+def test_tensor_name_with_dotdot_stays_inside(
+    tmp_path, pair, capsys, read_tensors, monkeypatch, evil
+):
+    """A tensor name that reads as a path writes nothing outside OUT_DIR: the merge runs two
+    folders deep (and from there as the working directory), so an escape relative to OUT_DIR
+    or to the working directory lands inside tmp_path where it is seen; an absolute name is
+    looked for where it points."""
+    deep = tmp_path / "d1" / "d2"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
 
     def add(sd):
         sd[evil] = torch.ones(3)
 
     for m in pair:
         rewrite(m, add)
-    code, err = merge(tmp_path, pair, capsys)
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(deep / "out")}
+    code, err = merge(deep, pair, capsys)
     assert code in (0, 1), err
-    outside = [p for p in tmp_path.rglob("*") if "escape" in p.name]
-    assert outside == []
+    after = {p for p in tmp_path.rglob("*") if not p.is_relative_to(deep / "out")}
+    assert sorted(after - before - {deep / "recipe.yaml"}) == [], "written outside OUT_DIR"
+    assert not Path(ABS_ESCAPE).exists()
     if code == 0:  # a tensor name is a key in the safetensors header, never a path
-        torch.testing.assert_close(read_tensors(tmp_path / "out")[evil], torch.ones(3))
+        torch.testing.assert_close(read_tensors(deep / "out")[evil], torch.ones(3))
     else:
-        assert_failed(tmp_path, code, err, 1)
+        assert_failed(deep, code, err, 1)
 
 
 def test_card_text_is_escaped():

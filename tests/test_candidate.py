@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import needs_compiler
 
 from evomerge.errors import ConfigError, MergeError
 from evomerge.merge.arch import gradient_t
 from evomerge.merge.candidate import CandidateMerger
-from evomerge.merge.kernel import compile_available
 from evomerge.merge.resolve import merge_tensor
 from evomerge.recipe import FilterEntry, InputModel, MergeStage, ModelRef
 
@@ -117,7 +117,7 @@ def test_bf16_sources_stay_bf16_and_equal_the_disk_path(bf16_sources, method, pa
         assert torch.equal(target[name], want[name]), (method, name)
 
 
-@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
+@needs_compiler()  # skipped without a compiler, failed under CI
 @pytest.mark.parametrize("method", ["ties", "della"])
 def test_compiled_candidate_equals_disk_path(bf16_sources, method):
     params = {"weight": 0.6, "density": 0.4, "epsilon": 0.1}
@@ -275,7 +275,7 @@ def _merges_in_one_call(sources, compiled: bool | None = None) -> None:
     assert all(torch.equal(target[n], want[n]) for n in NAMES)
 
 
-@pytest.mark.skipif(not compile_available("cpu"), reason="no C++ compiler for inductor")
+@needs_compiler()  # skipped without a compiler, failed under CI
 def test_compiled_run_over_bf16_inputs_equals_disk_path(bf16_sources):
     _merges_in_one_call(bf16_sources, compiled=True)
 

@@ -90,6 +90,7 @@ def test_card_front_matter_parses(tmp_path):
     assert front["library_name"] == "transformers"
     assert front["license"] == "apache-2.0"
     assert front["base_model"] == ["org/base", "org/expert_a"]
+    assert front["base_model_relation"] == "merge" and front["pipeline_tag"] == "text-generation"
     card = ModelCard.load(path)
     assert card.data.license == "apache-2.0"
     body = card.text

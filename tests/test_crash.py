@@ -22,8 +22,8 @@ from evomerge.cli import main
 
 TESTS = Path(__file__).resolve().parent
 
-# `python -m evomerge merge` with one hook: after `stop_after` writes (tensors, or the final
-# move into place when stop_after < 0) it touches READY and sleeps, so the test kills it there
+# `python -m evomerge merge` with one hook: after `stop_after` tensor writes it touches READY and
+# sleeps, so the test kills it mid-stream (each writer step: tests/test_writer_atomic.py)
 MERGE_RUNNER = """
 import pathlib, sys, time
 import evomerge.merge.writer as writer
@@ -33,17 +33,13 @@ count = [0]
 def pause():
     ready.write_text("x")
     time.sleep(600)
-add, move = writer.CheckpointWriter.add, writer.CheckpointWriter._move_into_place
+add = writer.CheckpointWriter.add
 def slow_add(self, name, tensor):
     add(self, name, tensor)
     count[0] += 1
     if count[0] == stop_after:
         pause()
-def slow_move(self):
-    if stop_after < 0:
-        pause()
-    move(self)
-writer.CheckpointWriter.add, writer.CheckpointWriter._move_into_place = slow_add, slow_move
+writer.CheckpointWriter.add = slow_add
 sys.exit(main(["merge", {recipe!r}, {out!r}, "--no-progress"]))
 """
 
@@ -75,7 +71,7 @@ def looks_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-@pytest.mark.parametrize("stop_after", [1, 20, -1])  # first tensor, midway, before the move
+@pytest.mark.parametrize("stop_after", [1, 20])  # first tensor, midway
 def test_killed_merge_leaves_nothing_that_looks_complete(tmp_path, tiny_model, stop_after):
     recipe = write_recipe(tmp_path, tiny_model)
     out = tmp_path / "out"
@@ -99,7 +95,7 @@ def test_killed_remerge_keeps_the_previous_output(tmp_path, tiny_model, read_ten
     assert after.keys() == before.keys() and all(after[k].equal(before[k]) for k in before)
 
 
-class _FullDisk:
+class FullDisk:
     """A file whose writes fail with ENOSPC once `budget` bytes have gone through."""
 
     def __init__(self, fh, budget: list[int]):
@@ -133,7 +129,7 @@ def test_disk_full_while_writing(tmp_path, tiny_model, monkeypatch, capsys, budg
 
     def full_open(file, mode="r", *args, **kwargs):
         fh = builtins.open(file, mode, *args, **kwargs)
-        return _FullDisk(fh, left) if "w" in mode else fh
+        return FullDisk(fh, left) if "w" in mode else fh
 
     monkeypatch.setattr(writer, "open", full_open, raising=False)
     capsys.readouterr()

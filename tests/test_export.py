@@ -150,12 +150,16 @@ def test_card_front_matter_and_scores(exported, study_dir: Path):
     assert "base_model" not in front  # local folders are not Hub ids
     card = ModelCard.load(path)
     outcome = load_study_outcome(study_dir)
-    held = outcome.heldout[exported.trial]["tasks"]
+    # the held-out table reports the test part (the fake scores the search split like the whole
+    # held-out split, so only the held-out section is searched)
+    section = card.text.split("Held-out scores on the held-out test part")[1]
+    section = section.split("Search (proxy) split")[0]
+    held = outcome.heldout[exported.trial]["test"]["tasks"]
     mean = (held["task0"] + held["task1"]) / 2
     row = f"| this merge (trial {exported.trial}) | {held['task0']:.4f} | {held['task1']:.4f} | "
-    assert row + f"{mean:.4f} |" in card.text
-    base = outcome.base["heldout"]
-    assert f"| base model | {base['task0']:.4f} | {base['task1']:.4f} |" in card.text
+    assert row + f"{mean:.4f} |" in section
+    base = outcome.base["test"]
+    assert f"| base model | {base['task0']:.4f} | {base['task1']:.4f} |" in section
     assert "| uniform merge (task\\_arithmetic) |" in card.text
     assert "| a alone |" in card.text and "| b alone |" in card.text
     assert "| sampler | gp |" in card.text and f"| trials | {len(outcome.study.trials)} |" in (
@@ -163,6 +167,57 @@ def test_card_front_matter_and_scores(exported, study_dir: Path):
     )
     assert "![optimization history](plots/optimization_history.png)" in card.text
     assert "mergekit-yaml recipe.yaml" in card.text
+
+
+def test_card_metadata_through_the_cli_validates(study_dir: Path, tmp_path: Path, capsys):
+    """`evomerge export`'s front matter, read back with huggingface_hub's card classes: pipeline,
+    library, tags, the license the sources agree on, and a model-index with the exported trial's
+    held-out and search scores; a leaderboard run on the same recipe joins it on re-export."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from evomerge.eval.leaderboard import save_leaderboard
+    from evomerge.search.results import load_study_outcome
+
+    out = tmp_path / "w"
+    assert main(["export", str(study_dir), "--out", str(out), "--no-checkpoint"]) == 0
+    card = ModelCard.load(out / "README.md")  # parses and validates the front matter
+    data = card.data
+    assert isinstance(data, ModelCardData)
+    assert (data.pipeline_tag, data.library_name, data.license) == (
+        "text-generation", "transformers", "mit"
+    )  # fmt: skip
+    assert data.tags == ["merge", "evomerge", "mergekit"]
+    outcome = load_study_outcome(study_dir)
+    trial = outcome.best_trial
+    from evomerge.search.keys import heldout_part, proxy_scores
+
+    held = heldout_part(outcome.heldout[trial.number], "test")["tasks"]  # what the card reports
+
+    proxy = proxy_scores(trial.user_attrs)
+    got = {(e.dataset_type, e.dataset_split): e.metric_value for e in data.eval_results}
+    assert all(isinstance(e, EvalResult) for e in data.eval_results)
+    for task in ("task0", "task1"):
+        assert got[(task, "heldout")] == pytest.approx(held[task], abs=1e-6)
+        assert got[(task, "search")] == pytest.approx(proxy[task], abs=1e-6)
+    assert data.model_name == f"ta (trial {trial.number})"
+    # a leaderboard run beside it, then a re-export: its scores join the model-index
+    import pandas as pd
+
+    from evomerge.eval.leaderboard import COLUMNS
+
+    df = pd.DataFrame(
+        [{"task": "leaderboard_gpqa", "alias": "gpqa", "metric": "acc_norm", "filter": "none",
+          "value": 0.4, "stderr": 0.01, "n_shot": 0, "n_samples": 8, "group": True}],
+        columns=COLUMNS,
+    )  # fmt: skip
+    save_leaderboard(out, df, backend="hf", tasks="leaderboard")
+    assert main(["export", str(study_dir), "--out", str(out), "--no-checkpoint"]) == 0
+    data = ModelCard.load(out / "README.md").data
+    got = {(e.dataset_type, e.dataset_split, e.metric_type): e.metric_value
+           for e in data.eval_results}  # fmt: skip
+    assert got[("leaderboard_gpqa", None, "acc_norm")] == pytest.approx(0.4)
+    assert got[("leaderboard_gpqa", None, "normalized acc_norm")] == pytest.approx(20.0)
+    assert got[("task0", "heldout", "score")] == pytest.approx(held["task0"], abs=1e-6)
 
 
 def test_trials_csv_matches_storage(exported, study_dir: Path):

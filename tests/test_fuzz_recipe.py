@@ -184,15 +184,30 @@ def test_multistage_recipe_error_in_a_later_stage_leaves_nothing(models, capsys)
     assert_clean_config_error(*run_merge(text, capsys))
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/abs/stage", "..", "x/y"])
-def test_stage_name_is_never_a_path(models, capsys, name):
-    """A stage `name:` is a label: a path in it must not make the merge write outside OUT_DIR."""
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/../../b", "../../../up3", "/abs/stage", "..", "x/y"]
+)
+def test_stage_name_is_never_a_path(models, capsys, monkeypatch, name):
+    """A stage `name:` is a label: a path in it must not make the merge write outside OUT_DIR.
+    The merge runs three folders deep in a watched folder, from there as working directory, so
+    an escape relative to OUT_DIR or to the working directory lands where it is seen; an
+    absolute name is looked for where it points."""
     first = {**valid(models), "name": name}
     second = valid(models)
     second["models"][0]["model"] = name
-    code, err, tmp = run_merge(yaml.safe_dump_all([first, second]), capsys)
-    written = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*")}
+    watched = Path(tempfile.mkdtemp(prefix="fuzz-stage-"))
+    deep = watched / "d1" / "d2" / "d3"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    capsys.readouterr()
+    (deep / "recipe.yaml").write_text(yaml.safe_dump_all([first, second]))
+    code = main(["merge", str(deep / "recipe.yaml"), str(deep / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    written = {p.relative_to(deep).as_posix() if p.is_relative_to(deep) else str(p)
+               for p in watched.rglob("*") if p != deep and p not in deep.parents}  # fmt: skip
     outside = {w for w in written if not w.startswith("out") and w != "recipe.yaml"}
     assert not outside, (code, err, sorted(outside))
+    if name.startswith("/"):
+        assert not Path(name).exists() and not Path(name).parent.exists()
     if code != 0:
-        assert_clean_config_error(code, err, tmp)
+        assert_clean_config_error(code, err, deep)

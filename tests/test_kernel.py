@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_compiler
 
 from evomerge.merge import sparsify as sp
-from evomerge.merge.kernel import Kernels, Spec, compile_available
+from evomerge.merge.kernel import Kernels, Spec
 
-needs_compile = pytest.mark.skipif(
-    not compile_available("cpu"), reason="no C++ compiler for inductor, or EVOMERGE_COMPILE=0"
-)
+needs_compile = needs_compiler()  # skipped without a compiler, failed under CI
 N = 100_003  # not a multiple of any vector width or chunk
 
 

@@ -195,3 +195,107 @@ def test_results_frame_reads_lm_eval_output():
         5,
     )
     assert math.isnan(row.stderr) and row.n_samples == 4
+
+
+def test_generation_config_max_new_tokens_neither_warns_nor_cuts(suite, capfd):
+    """A model whose generation_config.json sets max_new_tokens (the zoo's, many hub models'):
+    lm-eval's max_gen_toks decides, and transformers' "Both `max_new_tokens` ... and
+    `max_length`" warning is not printed."""
+    from evomerge.eval.leaderboard import run_leaderboard
+
+    model, group, _ = suite
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "max_new_tokens": 16}))
+    capfd.readouterr()
+    run_leaderboard(model, str(group.parent / "tiny_gen.yaml"), "hf", 2, device="cpu")
+    captured = capfd.readouterr()
+    assert "seem to have been set" not in captured.err + captured.out
+
+
+def _lm_rows(values: dict[tuple[str, str], float]):
+    """A results frame as results_frame makes it, from (task, metric) -> value."""
+    import pandas as pd
+
+    from evomerge.eval.leaderboard import COLUMNS
+
+    rows = [
+        {"task": t, "alias": t, "metric": m, "filter": "none", "value": v, "stderr": 0.01,
+         "n_shot": 0, "n_samples": 10, "group": False}
+        for (t, m), v in values.items()
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# Hand-computed Open LLM Leaderboard v2 normalization, (raw - 1/k) / (1 - 1/k) * 100, clip at 0:
+LB_RAW = {
+    # BBH: three subtasks with k = 2, 11, 19 (their doc_to_choice lists in lm-eval's YAMLs)
+    ("leaderboard_bbh_navigate", "acc_norm"): 0.75,  # (0.75 - 1/2) / (1/2) = 50.0
+    ("leaderboard_bbh_geometric_shapes", "acc_norm"): 0.45,  # (0.45 - 1/11) / (10/11) = 39.5
+    ("leaderboard_bbh_object_counting", "acc_norm"): 0.04,  # below 1/19: 0
+    ("leaderboard_bbh", "acc_norm"): 0.41,  # lm-eval's group value: the raw column
+    # MuSR: k = 2, 5, 3
+    ("leaderboard_musr_murder_mysteries", "acc_norm"): 0.6,  # 20.0
+    ("leaderboard_musr_object_placements", "acc_norm"): 0.4,  # (0.4 - 0.2) / 0.8 = 25.0
+    ("leaderboard_musr_team_allocation", "acc_norm"): 0.5,  # (0.5 - 1/3) / (2/3) = 25.0
+    ("leaderboard_gpqa", "acc_norm"): 0.3,  # k = 4: (0.3 - 0.25) / 0.75 = 6.6667
+    ("leaderboard_mmlu_pro", "acc"): 0.28,  # k = 10: (0.28 - 0.1) / 0.9 = 20.0
+    ("leaderboard_math_hard", "exact_match"): 0.05,  # generative: 5.0
+    ("leaderboard_ifeval", "prompt_level_strict_acc"): 0.3,  # generative: mean of the two
+    ("leaderboard_ifeval", "inst_level_strict_acc"): 0.4,  # (0.3 + 0.4) / 2 = 35.0
+    ("leaderboard_ifeval", "prompt_level_loose_acc"): 0.9,  # not used by the leaderboard
+}
+LB_WANT = {
+    "IFEval": (0.35, 35.0),
+    "BBH": (0.41, (50.0 + 39.5 + 0.0) / 3),
+    "MATH Lvl 5": (0.05, 5.0),
+    "GPQA": (0.3, 0.05 / 0.75 * 100),
+    "MuSR": ((0.6 + 0.4 + 0.5) / 3, (20.0 + 25.0 + 25.0) / 3),
+    "MMLU-Pro": (0.28, 20.0),
+}
+
+
+def test_open_llm_leaderboard_normalization_by_hand():
+    from evomerge.eval.leaderboard_norm import summary_frame, with_normalized
+
+    got = {r.benchmark: (r.raw, r.normalized) for r in summary_frame(_lm_rows(LB_RAW)).itertuples()}
+    for name, (raw, norm) in LB_WANT.items():
+        assert got[name] == pytest.approx((raw, norm), abs=1e-9), name
+    assert (0.45 - 1 / 11) / (10 / 11) * 100 == pytest.approx(39.5)  # the hand value above
+    mean_raw = sum(r for r, _ in LB_WANT.values()) / 6
+    mean_norm = sum(n for _, n in LB_WANT.values()) / 6
+    assert got["Average"] == pytest.approx((mean_raw, mean_norm), abs=1e-9)
+    # a subset: the average says over how many benchmarks
+    part = {k: v for k, v in LB_RAW.items() if k[0].startswith("leaderboard_musr")}
+    labels = list(summary_frame(_lm_rows(part)).benchmark)
+    assert labels == ["MuSR", "Average (1 of 6)"]
+    # per-row normalized values beside the raw ones
+    full = with_normalized(_lm_rows(LB_RAW))
+    rows = {(r.task, r.metric): r.normalized for r in full.itertuples()}
+    assert rows[("leaderboard_bbh_geometric_shapes", "acc_norm")] == pytest.approx(39.5)
+    assert rows[("leaderboard_bbh_object_counting", "acc_norm")] == 0.0
+    assert math.isnan(rows[("leaderboard_ifeval", "prompt_level_loose_acc")])
+
+
+def test_normalized_scores_in_csv_and_card(tmp_path: Path, tiny_model, capsys):
+    """save_leaderboard + the card: raw and normalized side by side, with the average."""
+    import pandas as pd
+    from huggingface_hub import ModelCard
+
+    from evomerge.eval.leaderboard import save_leaderboard
+
+    model = tiny_model("m", arch="llama", seed=3, hidden=32)
+    save_leaderboard(model, _lm_rows(LB_RAW), backend="hf", tasks="leaderboard")
+    csv = pd.read_csv(model / "leaderboard.csv")
+    summary = csv[csv.task == "open_llm_leaderboard_v2"].set_index("alias")
+    for name, (raw, norm) in LB_WANT.items():
+        assert summary.loc[name, "value"] == pytest.approx(raw)
+        assert summary.loc[name, "normalized"] == pytest.approx(norm)
+    assert summary.loc["Average", "normalized"] == pytest.approx(
+        sum(n for _, n in LB_WANT.values()) / 6
+    )
+    card = ModelCard.load(model / "README.md")
+    assert f"| GPQA | acc_norm | 0.3000 | {0.05 / 0.75 * 100:.2f} |" in card.text
+    assert "| **Average** |" in card.text
+    index = {(e.dataset_type, e.metric_type): e.metric_value for e in card.data.eval_results}
+    assert index[("leaderboard_mmlu_pro", "normalized acc")] == pytest.approx(20.0)
+    assert index[("leaderboard_mmlu_pro", "acc")] == pytest.approx(0.28)

@@ -60,7 +60,9 @@ def test_search_finds_better_than_uniform(tmp_path: Path, capsys):
     # `evomerge status` prints the leaderboard from storage alone
     assert main(["status", str(tmp_path / "r" / "space")]) == 0
     text = capsys.readouterr().out
-    assert f"best held-out: trial {out.best_trial.number}" in text and "Spearman" in text
+    assert f"held-out test of the pick: trial {out.best_trial.number}" in text
+    assert "chosen on the held-out selection part" in text
+    assert "Spearman, top trials" in text and "Spearman, seeded sample of all COMPLETE" in text
 
 
 def test_resume_counts_completed_trials(tmp_path: Path):

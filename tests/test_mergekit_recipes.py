@@ -30,17 +30,41 @@ PUBLISHED = Path(__file__).parent / "recipes" / "published"
 HEAD = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 MISPLACED = "at the stage's top level"
 
-# mergekit-yaml's own code path (mergekit.merge.run_merge), several configs in one process:
-# the mergekit import alone costs ~8 s
+# mergekit-yaml's own code path (mergekit.merge.run_merge), several configs in one process
+# (the mergekit import alone costs ~8 s); a config mergekit refuses or fails on is recorded
+# (its error's first line) and the next one runs
 _MERGEKIT = """
 import json, sys, yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-for cfg, out in json.loads(sys.argv[1]):
-    conf = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
-    run_merge(conf, out, MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+jobs, cache, errors = json.loads(sys.argv[1]), sys.argv[2] or None, {}
+for cfg, out in jobs:
+    try:
+        conf = MergeConfiguration.model_validate(yaml.safe_load(open(cfg)))
+        run_merge(conf, out, MergeOptions(copy_tokenizer=False, quiet=True,
+                                          write_model_card=False, lora_merge_cache=cache))
+    except Exception as exc:
+        errors[out] = (type(exc).__name__ + ": " + str(exc)).splitlines()[0][:400]
+print("MERGEKIT-ERRORS " + json.dumps(errors))
 """
+
+
+def require_mergekit() -> None:
+    """Skip without mergekit 0.1.5's venv; in CI (which installs it) fail instead."""
+    if not MERGEKIT_PY.exists():
+        if os.environ.get("CI"):  # CI installs it (scripts/install_mergekit.sh): never skip
+            pytest.fail("mergekit 0.1.5 is missing from .mergekit-venv in CI")
+        pytest.skip("mergekit 0.1.5 is not installed in .mergekit-venv")
+
+
+def run_mergekit(jobs: list[tuple[str, str]], lora_cache: Path | None = None) -> dict[str, str]:
+    """Run mergekit's run_merge on each (config file, output folder) in order, in one process;
+    returns {output folder: error line} for the configs mergekit failed on."""
+    args = [str(MERGEKIT_PY), "-c", _MERGEKIT, json.dumps(jobs), str(lora_cache or "")]
+    run = subprocess.run(args, check=True, timeout=900, capture_output=True, text=True)
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("MERGEKIT-ERRORS ")][-1]
+    return json.loads(line.removeprefix("MERGEKIT-ERRORS "))
 
 
 def _frankenmerge(a: Path, b: Path) -> dict:
@@ -88,10 +112,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mergekit_outputs(zoo, tmp_path_factory) -> dict[str, Path]:
     """mergekit's output folder for each comparison case (all merged in one process)."""
-    if not MERGEKIT_PY.exists():
-        if os.environ.get("CI"):  # CI installs it (scripts/install_mergekit.sh): never skip
-            pytest.fail("mergekit 0.1.5 is missing from .mergekit-venv in CI")
-        pytest.skip("mergekit 0.1.5 is not installed in .mergekit-venv")
+    require_mergekit()
     root = tmp_path_factory.mktemp("mergekit")
     cases = {
         f"frankenmerge-{k}": _frankenmerge(zoo[f"{k}-a"], zoo[f"{k}-b"])
@@ -104,7 +125,8 @@ def mergekit_outputs(zoo, tmp_path_factory) -> dict[str, Path]:
     for name, cfg in cases.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
         jobs.append((str(root / f"{name}.yaml"), str(root / name)))
-    subprocess.run([str(MERGEKIT_PY), "-c", _MERGEKIT, json.dumps(jobs)], check=True, timeout=600)
+    errors = run_mergekit(jobs)
+    assert not errors, errors
     return {name: root / name for name in cases}
 
 

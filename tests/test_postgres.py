@@ -32,7 +32,10 @@ SPACE = fake_space()
 WORKER = """
 import evomerge.loop.workbench as wb
 from evomerge.cli import main
+import evomerge.loop.run as run
 wb.LiveWorkbench.from_space = classmethod(lambda cls, *a, **k: f.FakeWorkbench(sleep={sleep}))
+# the fake stands in for the models and tasks, so preflight skips them as for a given workbench
+run.preflight = lambda *a, _p=run.preflight, **k: _p(*a, **{{**k, "resources": False}})
 sys.exit(main(["search", {space!r}, "--study", {study!r}, "--storage", {url!r},
                "--n-trials", "{n}", "--results", {results!r}, "--no-prune"]))
 """

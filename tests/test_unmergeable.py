@@ -260,7 +260,7 @@ def test_constrained_multi_objective_best_front_and_export_agree(tmp_path: Path,
     assert set(map(int, re.findall(r"#(\d+)", shown))) == front
     assert main(["export", str(study_dir), "--no-checkpoint", "--out", str(tmp_path / "e")]) == 0
     note = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note: "))
-    assert f"exported trial {out.best_trial.number}, the best held-out task0" in note
+    assert f"exported trial {out.best_trial.number}, the best held-out selection-part task0" in note
     assert f"of the {len(front)} points of the Pareto front" in note
     assert f"evomerge export {study_dir} --trial N" in note
     infeasible = next(t for t in done if t.user_attrs["violation"] > 0)

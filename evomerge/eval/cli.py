@@ -10,6 +10,7 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError
 from evomerge.eval.evaluator import EvalResult
+from evomerge.eval.task_options import TaskOptions, parse_vllm_args, task_options
 
 
 def cli_eval(args: argparse.Namespace) -> int:
@@ -22,11 +23,14 @@ def cli_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    options, engine = cli_options(args)
+    batch_size = _batch_size(args.batch_size)
     _quiet_libraries()
     t0 = time.perf_counter()
-    tasks = load_tasks(specs)
+    tasks = load_tasks(specs, options=options)
+    extra = engine if args.backend == "vllm" else {}
     backend = load_backend(
-        args.backend, args.model_dir, device=args.device, batch_size=_batch_size(args.batch_size)
+        args.backend, args.model_dir, device=args.device, batch_size=batch_size, **extra
     )
     t1 = time.perf_counter()
     result = Evaluator(backend, tasks, chunks=(None,)).evaluate(args.split, limit=args.limit)
@@ -36,6 +40,25 @@ def cli_eval(args: argparse.Namespace) -> int:
     print(f"{n} documents ({args.split}) in {t2 - t1:.2f} s; loading took {t1 - t0:.2f} s",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
+def cli_options(args: argparse.Namespace) -> tuple[TaskOptions, dict]:
+    """The lm-eval task options and vllm.LLM arguments of `evomerge eval`/`leaderboard`,
+    checked as a space's `eval.lm_eval:` and `eval.vllm:` are (one line, "did you mean")."""
+    from evomerge.eval.vllm.engine_args import check_engine_args
+
+    given = {
+        "num_fewshot": args.num_fewshot,
+        "apply_chat_template": args.apply_chat_template,
+        "system_instruction": args.system_instruction,
+        "fewshot_as_multiturn": args.fewshot_as_multiturn,
+        "gen_kwargs": args.gen_kwargs,
+    }
+    options = task_options({k: v for k, v in given.items() if v is not None}, "options")
+    engine = check_engine_args(parse_vllm_args(args.vllm_arg), "--vllm-arg")
+    if engine and args.backend != "vllm":
+        raise ConfigError(f"--vllm-arg applies to --backend vllm, but got --backend {args.backend}")
+    return options, engine
 
 
 def _batch_size(text: str) -> int | str:

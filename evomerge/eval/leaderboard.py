@@ -9,8 +9,10 @@ Task names: lm-eval's registry (default `leaderboard`, the Open LLM Leaderboard 
 needs its hub datasets) or local YAMLs (evals/, or a YAML path; `zoo_leaderboard` is the
 offline stand-in), resolved by evomerge.eval.task_specs with data paths made absolute.
 Output: MODEL_DIR/leaderboard.json (lm-eval's results), leaderboard.csv (one row per task and
-metric: value, stderr, n-shot) and a `<!-- leaderboard -->` section plus model-index
-`eval_results` in MODEL_DIR/README.md, both replaced on every run.
+metric: value, stderr, n-shot, the leaderboard's normalized score where it has one, then the
+six benchmarks and their average, raw and normalized: eval/leaderboard_norm.py) and a
+`<!-- leaderboard -->` section plus model-index `eval_results` in MODEL_DIR/README.md, both
+replaced on every run.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _build_lm(model_dir: Path, backend: str, device: str | None, batch_size: int) -> Any:
+def _build_lm(
+    model_dir: Path, backend: str, device: str | None, batch_size: int, engine: dict[str, Any]
+) -> Any:
     import torch
 
     device = device or default_device()
@@ -163,13 +167,17 @@ def _build_lm(model_dir: Path, backend: str, device: str | None, batch_size: int
         from evomerge.eval.lm_adapter import BackendLM  # imports lm_eval: only when needed
         from evomerge.eval.vllm.backend import VllmBackend
 
-        return BackendLM(VllmBackend(model_dir, device=device, batch_size=batch_size))
+        return BackendLM(VllmBackend(model_dir, device=device, batch_size=batch_size, **engine))
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # float32 on CPU: bf16 matmuls are orders of magnitude slower there.
     dtype = torch.float32 if device == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # lm-eval bounds generation with max_length (prompt + the task's max_gen_toks); a
+    # max_new_tokens from the model's generation_config.json would override it (and transformers
+    # warns "Both `max_new_tokens` ... and `max_length` ..." on every batch), so the task decides.
+    model.generation_config.max_new_tokens = None
     tok = AutoTokenizer.from_pretrained(model_dir)
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
 
@@ -182,8 +190,13 @@ def run_leaderboard(
     *,
     device: str | None = None,
     batch_size: int = 16,
+    options: Any = None,
+    engine: dict[str, Any] | None = None,
 ) -> Any:
     """Run lm-eval on `model_dir`; one DataFrame row per (task, metric, filter).
+
+    `options` (a TaskOptions) go to simple_evaluate as its own keyword arguments; `engine`:
+    vllm.LLM arguments for the vllm backend.
 
     The raw lm-eval results (results, groups, n-shot, versions) are in `df.attrs["lm_eval"]`.
     """
@@ -199,9 +212,11 @@ def run_leaderboard(
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     names, manager = resolve_tasks(tasks)
-    lm = _build_lm(model_dir, backend, device, batch_size)
+    lm = _build_lm(model_dir, backend, device, batch_size, engine or {})
+    task_kwargs = options.simple_evaluate_kwargs() if options is not None else {}
     try:
         out = lm_eval.simple_evaluate(
+            **task_kwargs,
             model=lm,
             tasks=names,
             task_manager=manager,
@@ -272,7 +287,9 @@ def save_leaderboard(model_dir: str | Path, df: Any, *, backend: str, tasks: str
     raw = {**df.attrs.get("lm_eval", {}), "evomerge": {"backend": backend, "tasks": tasks}}
     json_path, csv_path = model_dir / "leaderboard.json", model_dir / "leaderboard.csv"
     _atomic_write(json_path, json.dumps(raw, indent=2, default=handle_non_serializable) + "\n")
-    _atomic_write(csv_path, df.to_csv(index=False))
+    from evomerge.eval.leaderboard_norm import with_normalized
+
+    _atomic_write(csv_path, with_normalized(df).to_csv(index=False))
     card = update_card(model_dir / "README.md", df, backend=backend, tasks=tasks)
     return [json_path, csv_path, card]
 
@@ -284,9 +301,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def cli_leaderboard(args: argparse.Namespace) -> int:
-    df = run_leaderboard(args.model_dir, args.tasks, args.backend, args.limit, device=args.device)
+    from evomerge.eval.cli import cli_options
+
+    options, engine = cli_options(args)
+    df = run_leaderboard(
+        args.model_dir, args.tasks, args.backend, args.limit, device=args.device,
+        options=options, engine=engine,
+    )  # fmt: skip
     written = save_leaderboard(args.model_dir, df, backend=args.backend, tasks=args.tasks)
     shown = df[["alias", "metric", "filter", "n_shot", "value", "stderr"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    from evomerge.eval.leaderboard_norm import summary_frame
+
+    summary = summary_frame(df)
+    if len(summary):  # the Open LLM Leaderboard v2 view: raw (0-1) and normalized (0-100)
+        print("\nOpen LLM Leaderboard v2 (normalized as the leaderboard does):")
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 
 SOURCE = "evomerge leaderboard (lm-eval)"
 SOURCE_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+NORM_URL = "https://huggingface.co/docs/leaderboards/open_llm_leaderboard/normalization"
 LEADERBOARD_BEGIN = "<!-- evomerge:leaderboard -->"
 LEADERBOARD_END = "<!-- /evomerge:leaderboard -->"
 LEADERBOARD_PLACEHOLDER = "_No leaderboard run yet: `evomerge leaderboard MODEL_DIR` fills this._"
@@ -43,6 +44,7 @@ def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
         f"`evomerge leaderboard --tasks {tasks} --backend {backend}` "
         f"(lm-eval {getattr(lm_eval, '__version__', '?')}).",
         "",
+        *_summary_lines(df),
         "| Task | Metric | Filter | n-shot | Value | ± Stderr |",
         "|---|---|---|---:|---:|---:|",
     ]
@@ -54,16 +56,35 @@ def markdown_table(df: Any, *, backend: str, tasks: str) -> str:
     return "\n".join(lines)
 
 
-def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
-    """Insert or replace the leaderboard section and eval_results of the card at `path`."""
-    from huggingface_hub import EvalResult, ModelCard
+def _summary_lines(df: Any) -> list[str]:
+    """The Open LLM Leaderboard v2 table (raw and normalized, with the average), when the run
+    has any of its six benchmarks."""
+    from evomerge.eval.leaderboard_norm import summary_frame
 
-    text = path.read_text() if path.is_file() else ""
-    if not text.lstrip().startswith("---"):
-        text = f"---\nlibrary_name: transformers\n---\n\n# {path.parent.name}\n\n{text}"
-    card = ModelCard(text, ignore_metadata_errors=True)
-    keep = [e for e in card.data.eval_results or [] if e.source_name != SOURCE]
-    new = [
+    summary = summary_frame(df)
+    if not len(summary):
+        return []
+    lines = [
+        f"Open LLM Leaderboard v2 scores, normalized as [the leaderboard does]({NORM_URL}) "
+        "(0 = random guessing, 100 = perfect):",
+        "",
+        "| Benchmark | Metric | Raw | Normalized |",
+        "|---|---|---:|---:|",
+    ]
+    for r in summary.itertuples(index=False):
+        name = f"**{r.benchmark}**" if r.benchmark.startswith("Average") else r.benchmark
+        lines.append(f"| {name} | {r.metric} | {r.raw:.4f} | {r.normalized:.2f} |")
+    return [*lines, "", "lm-eval's raw values:", ""]
+
+
+def eval_results(df: Any) -> list[Any]:
+    """model-index entries: every lm-eval row of `df` (results_frame's columns), then the
+    normalized leaderboard benchmarks."""
+    from huggingface_hub import EvalResult
+
+    from evomerge.eval.leaderboard_norm import summary_frame
+
+    out = [
         EvalResult(
             task_type="text-generation",
             dataset_type=r.task,
@@ -75,7 +96,31 @@ def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
         )
         for r in df.itertuples(index=False)
     ]
-    card.data.eval_results = keep + new or None
+    for r in summary_frame(df).itertuples(index=False):
+        out.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=r.task,
+                dataset_name=f"Open LLM Leaderboard v2: {r.benchmark} (normalized)",
+                metric_type=f"normalized {r.metric}".strip(),
+                metric_value=round(float(r.normalized), 4),
+                source_name=SOURCE,
+                source_url=NORM_URL,
+            )
+        )
+    return out
+
+
+def update_card(path: Path, df: Any, *, backend: str, tasks: str) -> Path:
+    """Insert or replace the leaderboard section and eval_results of the card at `path`."""
+    from huggingface_hub import ModelCard
+
+    text = path.read_text() if path.is_file() else ""
+    if not text.lstrip().startswith("---"):
+        text = f"---\nlibrary_name: transformers\n---\n\n# {path.parent.name}\n\n{text}"
+    card = ModelCard(text, ignore_metadata_errors=True)
+    keep = [e for e in card.data.eval_results or [] if e.source_name != SOURCE]
+    card.data.eval_results = keep + eval_results(df) or None
     card.data.model_name = card.data.model_name or path.parent.name
     card.text = replace_leaderboard(card.text, markdown_table(df, backend=backend, tasks=tasks))
     tmp = path.with_name(f".{path.name}.tmp")

@@ -17,8 +17,13 @@ from evomerge.errors import ConfigError
 from evomerge.eval.early_exit import ExactAnswers, early_exit_blocker, exact_answers
 from evomerge.eval.lm_compat import filter_ensembles
 from evomerge.eval.protocol import GenerationSpec
+from evomerge.eval.task_options import TaskOptions
 
 SPLITS = ("search", "heldout")
+# the held-out split's two disjoint parts: "select" chooses the winner among the re-scored
+# trials, "test" reports it (a score that chose a trial is optimistic for that trial)
+HELDOUT_PARTS = ("select", "test")
+HELDOUT_PARTS_SEED = 20240601  # fixed: which held-out documents test is no search's choice
 LL_TYPES = ("loglikelihood", "multiple_choice")
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed: same few-shot draws as simple_evaluate
 Request = tuple[str, str] | tuple[str, GenerationSpec]
@@ -39,8 +44,12 @@ class ProxyTask:
         heldout_fraction: float = 0.5,
         seed: int = 0,
         apply_chat_template: bool | None = None,
+        options: TaskOptions | None = None,
     ) -> None:
         self._task = task
+        options = options or TaskOptions()
+        if options.apply_chat_template is not None:
+            apply_chat_template = options.apply_chat_template
         self.name: str = task.task_name
         output_type = task.get_config("output_type")
         if output_type not in (*LL_TYPES, "generate_until"):
@@ -52,14 +61,15 @@ class ProxyTask:
             raise ConfigError(
                 f"task '{self.name}': repeats must be 1, got {task.get_config('repeats')}"
             )
+        _apply_options(task, options, output_type)  # before anything reads the config
         self.request_type: Literal["loglikelihood", "generate_until"] = (
             "loglikelihood" if output_type in LL_TYPES else "generate_until"
         )
         self.metric, self.higher_is_better = _primary_metric(task, self.name)
         # why this task's generations must run in full (None: they may stop early)
         self.early_exit_blocker = early_exit_blocker(task)
-        if task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)  # as simple_evaluate does
+        self._system_instruction = options.system_instruction
+        self._multiturn = options.fewshot_as_multiturn
         meta = task.get_config("metadata") or {}
         wants = bool(meta.get("apply_chat_template", False)) if isinstance(meta, dict) else False
         self.wants_chat_template = wants if apply_chat_template is None else apply_chat_template
@@ -81,8 +91,15 @@ class ProxyTask:
         """Doc ids of "search", "heldout" or "all", in document order."""
         if split == "all":
             return list(self._positions)
+        if split in HELDOUT_PARTS:
+            held = self._splits["heldout"]
+            parts = heldout_parts(self.name, held)
+            keep = set(parts[split]) if parts else set(held)
+            return [i for i in held if i in keep]
         if split not in SPLITS:
-            raise ConfigError(f"split must be one of search, heldout, all; got '{split}'")
+            raise ConfigError(
+                f"split must be one of search, heldout, select, test, all; got '{split}'"
+            )
         return list(self._splits[split])
 
     def doc(self, doc_id: int) -> dict:
@@ -129,7 +146,8 @@ class ProxyTask:
             world_size=1,
             cache_requests=False,
             apply_chat_template=chat,
-            fewshot_as_multiturn=chat,
+            fewshot_as_multiturn=chat and self._multiturn,
+            system_instruction=self._system_instruction,
             chat_template=self._chat_template,
             tokenizer_name=tokenizer_name if chat else "",
         )
@@ -170,6 +188,18 @@ class ProxyTask:
         return float(value)
 
 
+def _apply_options(task: Any, options: TaskOptions, output_type: str) -> None:
+    """The overrides lm_eval.simple_evaluate applies to a loaded task, in its order and with
+    its rules: gen_kwargs update a generation task's generation_kwargs; num_fewshot replaces
+    the YAML's unless the YAML pins 0; no number at all means 0 shots."""
+    if output_type == "generate_until" and options.gen_kwargs:
+        task.set_config(key="generation_kwargs", value=dict(options.gen_kwargs), update=True)
+    if options.num_fewshot is not None and task.get_config("num_fewshot") != 0:
+        task.set_config(key="num_fewshot", value=options.num_fewshot)
+    if task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+
+
 def _render_once(task: Any, methods: Sequence[str]) -> None:
     """Memoize per document the task's data-only renderings (gold target, choices).
 
@@ -201,10 +231,12 @@ def load_tasks(
     heldout_fraction: float = 0.5,
     seed: int = 0,
     apply_chat_template: bool | None = None,
+    options: TaskOptions | None = None,
 ) -> list[ProxyTask]:
     """Load tasks by YAML path, folder, evals/ name or lm-eval registry name (see task_specs).
 
-    `apply_chat_template` None follows each task's `metadata: {apply_chat_template: ...}`.
+    `apply_chat_template` None follows each task's `metadata: {apply_chat_template: ...}`;
+    `options` (eval.lm_eval / the CLI flags) override the tasks' YAML as simple_evaluate does.
     """
     from evomerge.eval.task_specs import build_lm_eval_tasks
 
@@ -216,7 +248,11 @@ def load_tasks(
     built = build_lm_eval_tasks(cleaned)
     return [
         ProxyTask(
-            t, heldout_fraction=heldout_fraction, seed=seed, apply_chat_template=apply_chat_template
+            t,
+            heldout_fraction=heldout_fraction,
+            seed=seed,
+            apply_chat_template=apply_chat_template,
+            options=options,
         )
         for t in built.values()
     ]
@@ -310,3 +346,24 @@ def _assign_splits(
     for s in SPLITS:
         splits[s].sort(key=position.__getitem__)
     return splits
+
+
+def heldout_parts(task: str, ids: Sequence[int]) -> dict[str, list[int]] | None:
+    """{"select": ids, "test": ids}: a seeded half of a task's held-out ids and the rest
+    (sorted), or None when there are fewer than 2 (no two disjoint parts).
+
+    A pure function of the task name and the ids, so a stored study's per-example held-out
+    scores split the same way in every process; the seed is fixed (not the run's), so the test
+    documents of one held-out split are the same in every search.
+    """
+    import numpy as np
+
+    ids = sorted(ids)  # any order in, one partition out (the evaluator permutes its ids)
+    if len(ids) < 2:
+        return None
+    rng = np.random.default_rng([HELDOUT_PARTS_SEED, zlib.crc32(task.encode())])
+    chosen = {ids[k] for k in rng.permutation(len(ids))[: len(ids) // 2]}
+    return {
+        "select": [i for i in ids if i in chosen],
+        "test": [i for i in ids if i not in chosen],
+    }

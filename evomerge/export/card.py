@@ -20,7 +20,7 @@ from evomerge.errors import ConfigError
 from evomerge.eval.leaderboard_card import leaderboard_section  # eval owns the markers
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import EvalResult, ModelCard
 
 TAGS = ["merge", "evomerge", "mergekit"]
 
@@ -50,6 +50,9 @@ class SearchSummary:
     n_failed: int = 0
     wall_time_s: float | None = None
     objectives: list[str] = field(default_factory=list)  # e.g. ["maximize mean"]
+    # which documents chose the exported trial and which tested it (the held-out rows' scores)
+    chosen_on: str = ""
+    tested_on: str = ""
 
 
 @dataclass
@@ -71,6 +74,7 @@ class CardInputs:
     leaderboard_md: str | None = None
     random_seed: int | None = None
     method_random: bool = False  # DARE/DELLA draws: mergekit needs the seed on its command line
+    leaderboard_results: list[EvalResult] = field(default_factory=list)  # a carried run's
 
 
 def md_escape(text: Any) -> str:
@@ -86,16 +90,18 @@ def fence(text: str, lang: str = "") -> str:
 
 
 def hub_ids(refs: Sequence[str]) -> list[str]:
-    """The refs that are Hub model ids (org/name, no local folder of that name), revision dropped.
+    """The refs that are Hub model ids (org/name, no local folder of that name), revision dropped;
+    a BASE+ADAPTER ref contributes each of its parts.
 
-    The Hub rejects a card whose `base_model` is not a model id, so local folders stay out of the
-    front matter (they are listed in the body).
+    The Hub rejects a commit whose card's `base_model` is not a model id, so local folders stay
+    out of the front matter (they are listed in the body).
     """
     out = []
     for ref in refs:
-        path = ref.partition("@")[0]
-        if _HUB_ID.match(path) and not Path(path).exists() and path not in out:
-            out.append(path)
+        for part in ref.split("+"):
+            path = part.partition("@")[0]
+            if _HUB_ID.match(path) and not Path(path).exists() and path not in out:
+                out.append(path)
     return out
 
 
@@ -173,6 +179,9 @@ def _summary_md(s: SearchSummary) -> str:
         ("failed", str(s.n_failed)),
         ("wall time", _duration(s.wall_time_s)),
     ]
+    rows += [
+        (k, md_escape(v)) for k, v in (("chosen on", s.chosen_on), ("tested on", s.tested_on)) if v
+    ]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
@@ -203,6 +212,16 @@ def _reproduce_md(inp: CardInputs) -> str:
     return text
 
 
+def _heldout_header(s: SearchSummary) -> str:
+    """What the held-out rows are: which documents tested the exported trial, which chose it."""
+    if not s.tested_on:
+        return "Held-out split (documents never seen by the search):"
+    return (
+        f"Held-out scores on {md_escape(s.tested_on)}; the exported trial was chosen on "
+        f"{md_escape(s.chosen_on)}:"
+    )
+
+
 def render_body(inp: CardInputs) -> str:
     """The Markdown body of the card (everything after the front matter)."""
     s = inp.summary
@@ -226,7 +245,7 @@ def render_body(inp: CardInputs) -> str:
     if inp.scores and inp.tasks:
         parts += [
             "## Scores",
-            "Held-out split (documents never seen by the search; the winner was chosen here):",
+            _heldout_header(s),
             score_table(inp.scores, inp.tasks, "heldout"),
             "Search (proxy) split:",
             score_table(inp.scores, inp.tasks, "proxy"),
@@ -242,14 +261,56 @@ def render_body(inp: CardInputs) -> str:
 
 
 def card_data(inp: CardInputs) -> dict[str, Any]:
-    """Front matter fields (huggingface_hub ModelCardData keywords)."""
-    data: dict[str, Any] = {"library_name": "transformers", "tags": list(TAGS)}
+    """Front matter fields (huggingface_hub ModelCardData keywords), as merged-model cards carry
+    them: the sources as `base_model` with `base_model_relation: merge` (the Hub draws the model
+    tree from them), the pipeline, the license the sources agree on, and the scores."""
+    data: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": list(TAGS),
+    }
     base = hub_ids(inp.models)
     if base:
         data["base_model"] = base
+        data["base_model_relation"] = "merge"
     if inp.license:
         data["license"] = inp.license
+    results = [*score_results(inp), *inp.leaderboard_results]
+    if results:
+        data["model_name"] = inp.name
+        data["eval_results"] = results
     return data
+
+
+def score_results(inp: CardInputs) -> list[EvalResult]:
+    """The exported model's scores (its ScoreRow, first in `scores`) as model-index entries, one per
+    task and split: held-out first (the documents that chose nothing, as the card's table), then
+    the search split."""
+    from huggingface_hub import EvalResult
+
+    if not inp.scores:
+        return []
+    row, out = inp.scores[0], []
+    for split, scores, label in (
+        ("heldout", row.heldout, "held-out test"),
+        ("search", row.proxy, "search"),
+    ):
+        for task in inp.tasks:
+            value = scores.get(task)
+            if value is None or math.isnan(value):
+                continue
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=task,
+                    dataset_name=f"{task} ({label} split)",
+                    dataset_split=split,
+                    metric_type="score",
+                    metric_name=f"mean per-example score (evomerge study {inp.summary.study})",
+                    metric_value=round(float(value), 6),
+                )
+            )
+    return out
 
 
 def build_card(inp: CardInputs) -> ModelCard:

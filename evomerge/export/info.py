@@ -128,14 +128,22 @@ def _baseline_label(label: str) -> str:
     return label
 
 
+def _test(outcome: SearchOutcome, number: int) -> dict[str, float]:
+    """A trial's held-out "test" part scores per task (the whole held-out split for a study
+    without parts; {} when not re-scored)."""
+    entry = outcome.heldout.get(number)
+    return dict(keys.heldout_part(entry, "test")["tasks"]) if entry else {}
+
+
 def score_rows(outcome: SearchOutcome, trial: FrozenTrial) -> list[ScoreRow]:
-    """Winner first, then the base model, then every baseline trial (uniform, each expert...)."""
-    held = outcome.heldout
+    """Winner first, then the base model, then every baseline trial (uniform, each expert...);
+    held-out columns: the test part, which chose nothing (search_summary says so)."""
     rows = [ScoreRow(f"this merge (trial {trial.number})", _proxy(trial),
-                     dict(held.get(trial.number, {}).get("tasks", {})))]  # fmt: skip
+                     _test(outcome, trial.number))]  # fmt: skip
     if outcome.base:
+        base_test = outcome.base.get("test", outcome.base.get("heldout", {}))
         rows.append(ScoreRow("base model", dict(outcome.base.get("search", {})),
-                             dict(outcome.base.get("heldout", {}))))  # fmt: skip
+                             dict(base_test)))  # fmt: skip
     for t in outcome.study.get_trials(deepcopy=False):
         label = t.user_attrs.get(keys.BASELINE)
         state = trial_state(t)
@@ -143,8 +151,43 @@ def score_rows(outcome: SearchOutcome, trial: FrozenTrial) -> list[ScoreRow]:
             continue
         pruned = " (pruned: search score partial)" if state == "PRUNED" else ""
         name = _baseline_label(str(label)) + pruned
-        rows.append(ScoreRow(name, _proxy(t), dict(held.get(t.number, {}).get("tasks", {}))))
+        rows.append(ScoreRow(name, _proxy(t), _test(outcome, t.number)))
     return rows
+
+
+def chosen_tested(outcome: SearchOutcome, trial: FrozenTrial) -> tuple[str, str]:
+    """(which documents chose the exported trial, which tested it) for the card."""
+    entry = outcome.heldout.get(trial.number)
+    best = outcome.best_trial
+    default = best is not None and best.number == trial.number
+    chosen = "the held-out selection part" if entry is not None else "the search split (proxy)"
+    if not default:
+        chosen = f"--trial {trial.number} (chosen by hand)"
+    if entry is None:
+        return chosen, ""
+    if not keys.has_parts(entry):
+        return chosen.replace("selection part", "split"), (
+            "the held-out split; this study predates the held-out selection/test parts, so its "
+            "held-out score was also used for selection (optimistic)"
+        )
+    counts = _part_counts(outcome)
+    return chosen + counts.get("select", ""), (
+        "the held-out test part" + counts.get("test", "") + ", which chose nothing"
+    )
+
+
+def _part_counts(outcome: SearchOutcome) -> dict[str, str]:
+    """{"select": " (N documents)", "test": ...} from the study's doc_ids record."""
+    from evomerge.search.doc_ids import expand_ids
+
+    ids = outcome.study.user_attrs.get(keys.DOC_IDS) or {}
+    out = {}
+    for part in keys.PARTS:
+        texts = [v.get(part) for v in ids.values() if isinstance(v, dict)]
+        if texts and all(isinstance(x, str) for x in texts):
+            n = sum(len(expand_ids(x)) for x in texts)
+            out[part] = f" ({n} documents over {len(texts)} tasks)"
+    return out
 
 
 def search_summary(outcome: SearchOutcome, trial: FrozenTrial) -> SearchSummary:
@@ -155,6 +198,7 @@ def search_summary(outcome: SearchOutcome, trial: FrozenTrial) -> SearchSummary:
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     attrs = outcome.study.user_attrs
     names = outcome.objective_names or ["objective"]
+    chosen, tested = chosen_tested(outcome, trial)
     return SearchSummary(
         study=outcome.study_name,
         trial=trial.number,
@@ -166,6 +210,8 @@ def search_summary(outcome: SearchOutcome, trial: FrozenTrial) -> SearchSummary:
         n_failed=states.count("FAIL"),
         wall_time_s=wall,
         objectives=[f"{d} {n}" for d, n in zip(outcome.directions, names, strict=False)],
+        chosen_on=chosen,
+        tested_on=tested,
     )
 
 

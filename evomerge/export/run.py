@@ -38,6 +38,24 @@ class ExportResult:
     verified_tensors: int | None  # None with --no-checkpoint
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    gguf: Path | None = None
+
+
+def _check_gguf(recipe: Recipe, qtype: str, checkpoint: bool) -> None:
+    """ConfigError for an unknown --gguf type, --no-checkpoint, or an architecture llama.cpp's
+    layout is not written for here (read from the first source's config)."""
+    from evomerge.errors import did_you_mean
+    from evomerge.export.gguf import GGUF_TYPES, check_gguf_arch
+    from evomerge.merge.io import open_checkpoint
+
+    if qtype not in GGUF_TYPES:
+        raise ConfigError(f"--gguf: {did_you_mean(qtype, GGUF_TYPES, 'GGUF type')}")
+    if not checkpoint:
+        raise ConfigError("--gguf converts the merged checkpoint: drop --no-checkpoint")
+    stage = recipe.final
+    ref = stage.base_model or stage.models[0].model
+    with open_checkpoint(ref) as reader:
+        check_gguf_arch(reader.config, str(ref))
 
 
 def export_study(
@@ -49,8 +67,10 @@ def export_study(
     checkpoint: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    gguf: str | None = None,
 ) -> ExportResult:
-    """Export trial `trial` (default: best held-out) of the study in `study_dir` to `out`."""
+    """Export trial `trial` (default: best held-out) of the study in `study_dir` to `out`;
+    `gguf` (f16, bf16, q8_0) also writes model-<gguf>.gguf beside the safetensors."""
     from evomerge.export.info import check_study_dir, pick_note, pick_trial, scored_recipe
     from evomerge.merge.writer import check_out_dir
     from evomerge.search.results import load_study_outcome
@@ -60,11 +80,18 @@ def export_study(
     outcome = load_study_outcome(study_dir, storage)
     chosen = pick_trial(outcome, trial)
     recipe = scored_recipe(outcome, chosen)
+    if gguf is not None:
+        _check_gguf(recipe, gguf, checkpoint)  # before anything is merged or written
     out_dir = Path(out) if out is not None else study_dir / "export"
     check_out_dir(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
         result = _write_all(outcome, chosen, recipe, tmp, out_dir, checkpoint, device, progress)
+        if gguf is not None:
+            from evomerge.export.gguf import write_gguf
+
+            written = write_gguf(tmp, tmp / f"model-{gguf}.gguf", gguf)
+            result.gguf = out_dir / written.name  # where it lies once tmp is renamed
         note = pick_note(outcome, chosen, trial)  # which point of a front, and why
         result.notes[:0] = [note] if note else []
         _move_into_place(tmp, out_dir)
@@ -117,6 +144,7 @@ def _write_all(
     plots, notes = _write_plots(outcome, trial, tmp / "plots")
     leaderboard = _carry_leaderboard(out_dir, tmp, text)
     inputs = _card_inputs(outcome, trial, recipe, text, tasks, plots, notes, leaderboard)
+    inputs.leaderboard_results = _carried_results(tmp / "leaderboard.csv")
     from evomerge.export.card import build_card
 
     build_card(inputs).save(tmp / "README.md")
@@ -167,6 +195,22 @@ def _carry_leaderboard(out_dir: Path, tmp: Path, recipe_text: str) -> str | None
     return m.group(1) if m else None
 
 
+def _carried_results(csv_path: Path) -> list:
+    """model-index entries of a carried leaderboard.csv (its lm-eval rows; the normalized summary
+    rows are recomputed from them), [] without one."""
+    if not csv_path.is_file():
+        return []
+    import pandas as pd
+
+    from evomerge.eval.leaderboard_card import eval_results
+    from evomerge.eval.leaderboard_norm import SUMMARY_GROUP
+
+    df = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
+    if not {"task", "alias", "metric", "filter", "value"} <= set(df.columns):
+        return []  # not a leaderboard.csv this version wrote: the card body still has its table
+    return eval_results(df[df["task"] != SUMMARY_GROUP])
+
+
 def _card_inputs(
     outcome: SearchOutcome,
     trial: FrozenTrial,
@@ -210,18 +254,12 @@ def _card_inputs(
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename tmp to out_dir; an earlier export there is replaced only once tmp is complete."""
-    import os
+    from evomerge.merge.writer import check_out_dir, replace_dir
 
-    from evomerge.merge.writer import check_out_dir
-
-    old = None
     if out_dir.exists():
         check_out_dir(out_dir)  # still an evomerge output (it may have changed meanwhile)
-        old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # one atomic swap where the system allows it (the writer's rule)
+    replace_dir(tmp, out_dir, out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}"))
 
 
 def cli_export(args: argparse.Namespace) -> int:
@@ -234,6 +272,7 @@ def cli_export(args: argparse.Namespace) -> int:
         storage=args.storage,
         checkpoint=not args.no_checkpoint,
         device=getattr(args, "device", None) or "cpu",
+        gguf=getattr(args, "gguf", None),
     )
     checked = (
         f"{result.verified_tensors} tensors identical to the scored candidate"
@@ -241,6 +280,8 @@ def cli_export(args: argparse.Namespace) -> int:
         else "no checkpoint (--no-checkpoint)"
     )
     print(f"exported trial {result.trial} to {result.out_dir} ({checked})", file=sys.stderr)
+    if result.gguf is not None:
+        print(f"wrote {result.gguf}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.push_to_hub:

@@ -91,6 +91,23 @@ def check_eval(space: SearchSpace, backend: str | None) -> None:
     if name not in BACKENDS:
         raise ConfigError(f"{src}: eval.backend: {did_you_mean(str(name), BACKENDS, 'backend')}")
     # batch_size 'auto' is valid for vllm too: its scheduler batches (issue #18)
+    engine_options(space)
+    task_options_of(space)
+
+
+def engine_options(space: SearchSpace) -> dict[str, Any]:
+    """`eval.vllm:` checked against vllm.EngineArgs' fields ({} when absent)."""
+    from evomerge.eval.vllm.engine_args import check_engine_args
+
+    cfg = space.spec.eval.get("vllm")
+    return {} if cfg is None else check_engine_args(cfg, f"{space.spec.source}: eval.vllm")
+
+
+def task_options_of(space: SearchSpace) -> Any:
+    """`eval.lm_eval:` as a TaskOptions (simple_evaluate's names and rules)."""
+    from evomerge.eval.task_options import task_options
+
+    return task_options(space.spec.eval.get("lm_eval"), f"{space.spec.source}: eval.lm_eval")
 
 
 def load_space_tasks(space: SearchSpace) -> list[Any]:
@@ -102,6 +119,7 @@ def load_space_tasks(space: SearchSpace) -> list[Any]:
         space.spec.tasks,
         heldout_fraction=float(cfg.get("heldout_fraction", 0.5)),
         seed=int(cfg.get("seed", 0)),
+        options=task_options_of(space),
     )
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import CandidateError, ConfigError, EvomergeError
-from evomerge.loop.heldout import rescore_heldout
+from evomerge.eval.tasks import heldout_parts
+from evomerge.loop.heldout import heldout_entry, rescore_heldout
 from evomerge.loop.preflight import preflight, print_summary
 from evomerge.loop.trial import OverBudget, TrialScorer
 from evomerge.loop.workbench import LiveWorkbench, Workbench
@@ -33,13 +34,13 @@ from evomerge.search.results import (
     SearchOutcome,
     load_study_outcome,
     status_text,
-    trial_line,
     write_csv,
     write_meta,
 )
 from evomerge.search.samplers import make_pruner, make_sampler, options_for
 from evomerge.search.space import SearchSpace
 from evomerge.search.study import budget_state, enqueue, open_storage, open_study, storage_url
+from evomerge.search.trial_line import trial_line
 
 CSV_EVERY_S = 30.0  # trials.csv is refreshed this often during a search, and at its end
 
@@ -213,7 +214,13 @@ def record_doc_ids(st: Any, wb: Any) -> None:
     tasks = getattr(wb, "tasks", None)
     if not tasks or not all(hasattr(t, "doc_ids") for t in tasks):
         return
-    ids = {t.name: {s: compress_ids(t.doc_ids(s)) for s in keys.SPLITS} for t in tasks}
+    ids = {}
+    for t in tasks:
+        ids[t.name] = {s: compress_ids(t.doc_ids(s)) for s in keys.SPLITS}
+        # the held-out parts, split as heldout_entry splits the scores: which documents chose
+        # the winner and which tested it
+        parts = heldout_parts(t.name, t.doc_ids("heldout")) or {}
+        ids[t.name].update({p: compress_ids(v) for p, v in parts.items()})
     if st.user_attrs.get(keys.DOC_IDS) != ids:
         st.set_user_attr(keys.DOC_IDS, ids)
 
@@ -222,9 +229,16 @@ def score_base(st: Any, space: SearchSpace, wb: Workbench) -> None:
     """The base model's per-task means on both splits, once per study (before any merge:
     the workbench merges in place)."""
     for split in keys.SPLITS:
-        if keys.base_key(split) not in st.user_attrs and space.spec.base_model:
-            res = wb.evaluate(None, split)
-            st.set_user_attr(keys.base_key(split), {t: s.mean for t, s in res.tasks.items()})
+        todo = [split, *(keys.PARTS if split == "heldout" else ())]
+        if not space.spec.base_model or all(keys.base_key(s) in st.user_attrs for s in todo):
+            continue
+        res = wb.evaluate(None, split)
+        st.set_user_attr(keys.base_key(split), {t: s.mean for t, s in res.tasks.items()})
+        if split == "heldout":  # base_select / base_test: the parts the winner is judged on
+            entry = heldout_entry(res.per_example, None)
+            for part in keys.PARTS:
+                if part in entry:
+                    st.set_user_attr(keys.base_key(part), entry[part]["tasks"])
 
 
 def run_trials(

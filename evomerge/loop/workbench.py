@@ -56,10 +56,21 @@ class LiveWorkbench:
 
         spec = space.spec
         # tasks already loaded by the pre-flight checks are not loaded twice
-        self.tasks = tasks or load_tasks(spec.tasks, heldout_fraction=heldout_fraction, seed=seed)
+        from evomerge.loop.plan import engine_share
+        from evomerge.loop.preflight import engine_options, task_options_of
+
+        self.tasks = tasks or load_tasks(
+            spec.tasks, heldout_fraction=heldout_fraction, seed=seed,
+            options=task_options_of(space),
+        )  # fmt: skip
         self.task_names = [t.name for t in self.tasks]
         self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
-        extra = {"verify_transfer": verify_transfer} if backend == "vllm" else {}
+        # eval.vllm: the engine's arguments (with gpu_memory_utilization from the memory plan
+        # when the user left it out: loop/plan.py)
+        extra: dict[str, Any] = {}
+        if backend == "vllm":
+            extra = {**engine_options(space), "verify_transfer": verify_transfer}
+            extra.update(engine_share(space, device, extra))
         self.backend = load_backend(
             backend, resolve_model_path(spec.base_model or spec.models[0]),  # hub ids: HF cache
             device=device, batch_size=batch_size,

@@ -69,6 +69,16 @@ def _param_key(inputs: MergeInputs) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in inputs.params.items())), model
 
 
+def _lowrank(keys: list[str], sources: Mapping[str, TensorSource], names: list[str]):
+    """LowRankInputs for the adapter inputs whose base is an input too; None without any."""
+    from evomerge.merge.lowrank import LowRankInputs, plan_rows
+
+    owners = plan_rows(keys, sources)
+    if all(o is None for o in owners):
+        return None
+    return LowRankInputs(keys, sources, names, owners)
+
+
 class CandidateMerger:
     """Merge candidates of one stage's models/base into live parameters, many times over."""
 
@@ -102,6 +112,7 @@ class CandidateMerger:
         first = sources[self._keys[0 if bi is None else bi]]
         names = list(first.keys()) if tensor_names is None else list(tensor_names)
         self.device = device
+        self._lowrank = _lowrank(self._keys, sources, names)  # adapters as factors, or None
         self._rows = self._load(names, sources)  # (n, *shape) each, views of self._flat
         self._t = {name: gradient_t(name, num_layers) for name in names}
         self._deltas: dict[str, torch.Tensor] = {}
@@ -122,11 +133,31 @@ class CandidateMerger:
     def source_tensors(self, ref: str) -> Iterator[tuple[str, torch.Tensor]]:
         """One input model's resident tensors as they were read (views, not copies): what
         puts a live model back to that input, e.g. the base after a candidate."""
+        import torch
+
         if ref not in self._keys:
             raise ConfigError(did_you_mean(ref, self._keys, "model source"))
         i = self._keys.index(ref)
         for name, rows in self._rows.items():
-            yield name, rows[i]
+            if self._lowrank is None:
+                yield name, rows[i]
+            else:  # a fresh tensor: an adapter input has no resident rows
+                out = torch.empty(rows.shape[1:], dtype=rows.dtype, device=rows.device)
+                self._lowrank.expand_row(i, name, rows, out)
+                yield name, out
+
+    def _is_dense(self, i: int) -> bool:
+        return self._lowrank is None or i in self._lowrank.dense_index
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        """Every input's rows of `name`: the resident ones, or (with adapter inputs) expanded
+        into a scratch buffer that the next tensor's expansion reuses."""
+        rows = self._rows[name]
+        if self._lowrank is None:
+            return rows
+        shape = (self._lowrank.n, *rows.shape[1:])
+        out = self._scratch.get("lowrank-rows", shape, rows.dtype, rows.device)
+        return self._lowrank.expand(name, rows, out)
 
     def _meta(self, name: str, sources: Mapping[str, TensorSource]) -> tuple[tuple, object]:
         """(shape, resident dtype) of tensor `name`, the same in every model (else ConfigError)."""
@@ -167,7 +198,7 @@ class CandidateMerger:
             totals[dtype] = b = a + math.prod(shape)
             spans[name] = (dtype, a, b)
         self._spans = spans
-        n = len(self._keys)
+        n = len(self._keys) if self._lowrank is None else len(self._lowrank.dense_index)
         self._flat = {
             dt: torch.empty((n, total), dtype=dt, device=self.device)
             for dt, total in totals.items()
@@ -175,7 +206,8 @@ class CandidateMerger:
         rows = {}
         for name, (dtype, a, b) in spans.items():
             r = rows[name] = self._flat[dtype][:, a:b].view(n, *metas[name][0])
-            for i, key in enumerate(self._keys):
+            dense = [k for i, k in enumerate(self._keys) if self._is_dense(i)]
+            for i, key in enumerate(dense):
                 src = sources[key]
                 if hasattr(src, "read_into"):  # straight from the file into the row
                     src.read_into(name, r[i])
@@ -218,9 +250,12 @@ class CandidateMerger:
             for names, inputs in self._runs(stage, method, target):
                 inputs.kernels = self.kernels
                 if method.task_vectors and not method.fused and inputs.base is not None:
+                    # with adapter inputs, kept deltas would be a dense copy of every adapter
                     deltas = self._deltas.get(names[0])
                     if deltas is None:
-                        deltas = self._deltas[names[0]] = task_vectors(inputs)
+                        deltas = task_vectors(inputs)
+                        if self._lowrank is None:
+                            self._deltas[names[0]] = deltas
                     inputs.deltas = deltas
                 inputs.cache = self.cache
                 inputs.scratch = self._scratch
@@ -233,6 +268,11 @@ class CandidateMerger:
         consecutive tensors resolved to equal parameters whose targets are consecutive in
         one float32 buffer form one call on the flat columns: with scalar parameters and a
         packed target (LiveWorkbench packs the model), a whole model in one kernel call."""
+        if self._lowrank is not None:  # no flat columns of every input: one tensor a call
+            for name in self._rows:
+                inputs = inputs_for_rows(stage, name, self._stacked(name), self._t[name])
+                yield [name], self._joined([name], inputs, method, target)
+            return
         batch = method.fused and method.elementwise and bool(target)
         uniform = batch and _scalar_params(stage)  # every tensor resolves the same
         run: list[str] = []
@@ -276,7 +316,8 @@ class CandidateMerger:
 
         first = run[0]
         if len(run) == 1:
-            rows = self._rows[first]
+            # the tensor's own rows (inputs may be a uniform run's, resolved for another)
+            rows = self._rows[first] if self._lowrank is None else inputs.models
             if not method.fused and rows.dtype != torch.float32:
                 rows = rows.to(torch.float32)
             out = _writable(target.get(first), rows.shape[1:], rows.device)
@@ -343,7 +384,14 @@ class CandidateMerger:
         rows = self._rows.values()
         return sum(r.numel() * r.element_size() for r in rows) / sum(r[0].numel() for r in rows)
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the resident inputs: the dense rows, plus adapters' factors (and their
+        modules_to_save copies) where an adapter input's base is an input too."""
+        dense = sum(f.numel() * f.element_size() for f in self._flat.values())
+        return dense + (0 if self._lowrank is None else self._lowrank.nbytes())
+
     def nbytes(self) -> int:
         """Resident bytes: inputs, task vectors and cached mask statistics."""
-        tensors = [*self._rows.values(), *self._deltas.values()]
-        return sum(x.numel() * x.element_size() for x in tensors) + self.cache.nbytes()
+        deltas = sum(x.numel() * x.element_size() for x in self._deltas.values())
+        return self.resident_bytes + deltas + self.cache.nbytes()

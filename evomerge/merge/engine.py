@@ -11,6 +11,7 @@ the number of models).
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 import shutil
 import threading
@@ -123,6 +124,46 @@ def _merge_one(item, readers, bufs, scratch, vocab, out_dtype, lock) -> torch.Te
     return merged
 
 
+def _chunk_rows(item: OutTensor, readers: Mapping[str, CheckpointReader], vocab) -> int | None:
+    """Rows per chunk when `item` is merged in row chunks (chunked.py), else None: a
+    streamed method, a tensor larger than one chunk, plain safetensors sources."""
+    from evomerge.merge.chunked import chunkable
+    from evomerge.merge.memory import rows_per_chunk
+
+    if not chunkable(item.stage.merge_method, item.shape):
+        return None
+    if vocab is not None and not vocab.identity and is_vocab_tensor(item.name):
+        return None
+    srcs = [*item.sources, *([item.base] if item.base is not None else [])]
+    if not all(
+        type(readers[k]) is CheckpointReader and readers[k].streams_rows(n) for k, n in srcs
+    ):
+        return None
+    step = rows_per_chunk(item.shape)
+    return step if step < item.shape[0] else None
+
+
+def _merge_in_chunks(item, readers, arena, lock, step: int, write) -> None:
+    """Merge `item` chunk by chunk (reads hold `lock`); write(r0, rows) stores each."""
+    from evomerge.merge.chunked import merge_chunked
+
+    n = len(item.sources)
+    dtype = _input_dtype(item, readers)
+
+    def read(r0: int, r1: int):
+        stacked = arena.get(
+            "models", (n + (item.base is not None), r1 - r0, *item.shape[1:]), dtype
+        )
+        with lock:
+            for i, (k, name) in enumerate(item.sources):
+                readers[k].read_rows_into(name, r0, stacked[i])
+            if item.base is not None:
+                readers[item.base[0]].read_rows_into(item.base[1], r0, stacked[n])
+        return stacked[:n], (stacked[n] if item.base is not None else None)
+
+    merge_chunked(item.stage, item.name, item.shape, item.t, read, write, arena, step)
+
+
 def _workers(device: torch.device) -> int:
     """Tensors merged at once: one per intra-op thread torch would use, at most 4 (each
     holds its tensor's inputs), one on an accelerator."""
@@ -165,6 +206,7 @@ def merge_stage(
     from tqdm.auto import tqdm
 
     from evomerge.common.device import torch_threads
+    from evomerge.merge.chunked import Arena
     from evomerge.merge.pipeline import ordered_map
     from evomerge.recipe.check import validate_layer_ranges
 
@@ -192,9 +234,16 @@ def merge_stage(
         tok_src, tok_files = tokenizer_files(stage, vocab, dirs, base_key)
         workers = _workers(device)
         slots = [(Buffers(device), Buffers(device)) for _ in range(workers)]  # reads, methods
+        arenas = [Arena() for _ in range(workers)]  # row chunks (CPU only)
         lock = threading.Lock()
+        out: list[CheckpointWriter] = []
 
-        def merge(it: OutTensor, slot: int) -> tuple[OutTensor, torch.Tensor]:
+        def merge(it: OutTensor, slot: int) -> tuple[OutTensor, torch.Tensor | None]:
+            step = _chunk_rows(it, readers, vocab) if device.type == "cpu" else None
+            if step is not None:  # written chunk by chunk from this thread
+                write = lambda r0, t: out[0].write_rows(it.name, r0, t)  # noqa: E731
+                _merge_in_chunks(it, readers, arenas[slot], lock, step, write)
+                return it, None
             bufs, scratch = slots[slot]
             return it, _merge_one(it, readers, bufs, scratch, vocab, dtype, lock)
 
@@ -203,10 +252,12 @@ def merge_stage(
             torch_threads(1 if device.type == "cpu" else torch.get_num_threads()),
         ):
             writer.plan([(it.name, it.shape) for it in items])
+            out.append(writer)
             merged_items = ordered_map(merge, items, workers)
             for it, merged in tqdm(merged_items, total=len(items), desc=label, unit="tensor",
                                    disable=not progress):  # fmt: skip
-                writer.add(it.name, merged.to(dtype))
+                if merged is not None:
+                    writer.add(it.name, merged.to(dtype))
             files = {**tok_files, **(extra_files or {})}
             return writer.finish(config, copy_from=tok_src, files=files)
     finally:
@@ -284,7 +335,8 @@ def merge_recipe(
     recipe = with_seeds(recipe, seed)
     text = dump_recipe(recipe)
     extra = {"recipe.yaml": text, "README.md": model_card(recipe) + text + "```\n"}
-    work = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}-stages")
+    # the pid in the name: the writer's recover_out_dir() removes it only once this process is gone
+    work = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}-stages")
     stages: dict[str, Path] = {}
     n = len(recipe.stages)
     try:

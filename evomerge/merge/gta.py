@@ -19,6 +19,7 @@ Per entry, with wd_j = weighted masked task vectors:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,31 +112,38 @@ def _keep_args(r: _Row, kind: str, d: float, extra) -> tuple[list[float], list, 
         stats = [r.stat("draws", make, seed)]
     else:
         stats = []
+    cols = inputs.base.shape[1] if inputs.base.dim() > 1 else n
+    floats, firsts = keep_numbers(kind, d, extra, n, cols, r.cut, (inputs.tensor_name, r.row))
+    return floats, firsts, _della(r, kind, stats)
+
+
+def keep_numbers(kind: str, d: float, extra, n: int, cols: int, cut, where) -> tuple[list, list]:
+    """(floats, firsts) of one row's keep-mask: n entries, rows of `cols` (DELLA's rank
+    scale); cut(pos) gives the keep arguments of "sorted position >= pos"; where:
+    (tensor name, row) for errors. Shared by whole-tensor and chunked (chunked.py) merges."""
     if d >= 1:
         floats, firsts = _KEEP_ALL[kind]
-        return list(floats), [n if f is None else f for f in firsts], _della(r, kind, stats)
+        return list(floats), [n if f is None else f for f in firsts]
     if kind == "magnitude":  # keep the k largest: sorted position >= n - k
-        floats, first = r.cut(n if d <= 0 else n - max(1, int(d * n)))
-        return floats, [first], stats
+        floats, first = cut(n if d <= 0 else n - max(1, int(d * n)))
+        return floats, [first]
     if kind == "breadcrumbs":  # keep target entries below the n_top largest
         target, n_top = int(d * n), int(extra * n)
         lo = max(0, n - target - n_top)
-        f_lo, first_lo = r.cut(lo)
-        f_hi, first_hi = r.cut(lo + target)
-        return f_lo + f_hi, [first_lo, first_hi], stats
+        f_lo, first_lo = cut(lo)
+        f_hi, first_hi = cut(lo + target)
+        return f_lo + f_hi, [first_lo, first_hi]
     if kind == "random":  # u < d  <=>  draw < ceil(d * 65536)
-        return [float(math.ceil(max(d, 0.0) * 65536))], [], stats
+        return [float(math.ceil(max(d, 0.0) * 65536))], []
     if d > 0 and (d + extra >= 1 or d - extra <= 0):
         raise ConfigError(
-            f"tensor '{inputs.tensor_name}', model row {r.row}: della needs density ± epsilon "
+            f"tensor '{where[0]}', model row {where[1]}: della needs density ± epsilon "
             f"inside (0, 1), but density={d:g}, epsilon={extra:g}"
         )
-    stats = _della(r, kind, stats)
     if d <= 0:
-        return [0.0, 0.0], [], stats
-    cols = r.inputs.base.shape[1] if r.inputs.base.dim() > 1 else n
+        return [0.0, 0.0], []
     c1 = 2 * extra / (cols - 1) if cols > 1 else 0.0  # keep p from d - eps to d + eps by rank
-    return [_f32(c1), _f32(d - extra)], [], stats
+    return [_f32(c1), _f32(d - extra)], []
 
 
 def _della(r: _Row, kind: str, stats: list) -> list:
@@ -199,6 +207,33 @@ def _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels) -> list[f
     return [1.0 if factors.get(j) is None else factors[j] for j in range(len(rows))]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """The per-tensor numbers of a GTA merge that do not depend on the data."""
+
+    spec: Spec
+    dens: list[float]
+    extras: list
+    head: list[float]  # weights, rescale factors (1.0), lambda, summed weights
+
+
+def setup(inputs: MergeInputs, kind: str | None, consensus: str | None) -> Setup:
+    """The kernel Spec and the parameters of each merged row (inputs: any rows, or a chunk)."""
+    if consensus not in (None, "sum"):
+        raise ValueError(f"consensus method must be 'sum', but got {consensus!r}")
+    idx = inputs.non_base_rows()
+    prm, m = inputs.params, len(idx)
+    spec = Spec(kind, consensus is not None, bool(prm["normalize"]), tuple(idx), inputs.base_index)
+    dens = inputs.model_params["density"][idx].tolist() if kind else [1.0] * m  # no mask
+    extra_name = {"breadcrumbs": "gamma", "della": "epsilon"}.get(kind or "")
+    extras = inputs.model_params[extra_name][idx].tolist() if extra_name else [None] * m
+    w = [_f32(v) for v in inputs.model_params["weight"][idx].tolist()]
+    w_total = float(torch.tensor(w, dtype=torch.float32).sum())  # mergekit: weights.sum(0)
+    if abs(w_total) < 1e-8:
+        w_total = 1.0
+    return Setup(spec, dens, extras, [*w, *([1.0] * m), _f32(prm["lambda"]), w_total])
+
+
 def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> torch.Tensor:
     """The merged tensor (float32; in a scratch buffer when inputs.scratch is set).
 
@@ -210,18 +245,9 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
     f32 = torch.empty(0, dtype=torch.float32, device=base.device)
     if not idx:
         return empty("out", tuple(base.shape), f32).copy_(base)
-    if consensus not in (None, "sum"):
-        raise ValueError(f"consensus method must be 'sum', but got {consensus!r}")
-    prm, m = inputs.params, len(idx)
+    su = setup(inputs, kind, consensus)
+    spec, dens, extras, prm, m = su.spec, su.dens, su.extras, inputs.params, len(idx)
     x = inputs.models.reshape(inputs.models.shape[0], -1)  # (n_in, n)
-    spec = Spec(kind, consensus is not None, bool(prm["normalize"]), tuple(idx), inputs.base_index)
-    dens = inputs.model_params["density"][idx].tolist() if kind else [1.0] * m  # no mask
-    extra_name = {"breadcrumbs": "gamma", "della": "epsilon"}.get(kind or "")
-    extras = inputs.model_params[extra_name][idx].tolist() if extra_name else [None] * m
-    w = [_f32(v) for v in inputs.model_params["weight"][idx].tolist()]
-    w_total = float(torch.tensor(w, dtype=torch.float32).sum())  # mergekit: weights.sum(0)
-    if abs(w_total) < 1e-8:
-        w_total = 1.0
     rows = [_Row(inputs, x, i) for i in idx]
     keep, firsts, stats, masked = [], [], [], []
     for j, r in enumerate(rows):
@@ -237,8 +263,7 @@ def gta(inputs: MergeInputs, kind: str | None, consensus: str | None, empty) -> 
             r.unit()
         r.release()
     kernels = inputs.kernels or EAGER
-    head = [*w, *([1.0] * m), _f32(prm["lambda"]), w_total]
-    p = torch.tensor(head + keep, dtype=torch.float32, device=x.device)
+    p = torch.tensor(su.head + keep, dtype=torch.float32, device=x.device)
     if prm.get("rescale") and any(masked):
         p[m : 2 * m] = torch.tensor(
             _rescale(inputs, spec, rows, masked, x, stats, p, firsts, kernels)

@@ -237,13 +237,14 @@ class Kernels:
             for a in range(0, n, step):
                 yield a, min(a + step, n)
 
-    def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int]) -> None:
+    def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int], offset: int = 0) -> None:
+        """offset: the flat index of x's first entry in its tensor (a row chunk's place)."""
         if self.compiled:
             ft = _int_tensor(firsts, x.device)
             self._compiled(_gta_whole, spec)(out, x, stats, p, ft)
             return
         for a, b in self._chunks(out.shape[0], out.device):
-            out[a:b] = gta_entries(spec, x[:, a:b], _sl(stats, a, b), p, firsts, a)
+            out[a:b] = gta_entries(spec, x[:, a:b], _sl(stats, a, b), p, firsts, a + offset)
 
     def linear(self, spec: Spec, out, x, p) -> None:
         if self.compiled:
@@ -252,7 +253,8 @@ class Kernels:
         for a, b in self._chunks(out.shape[0], out.device):
             out[a:b] = linear_entries(spec, x[:, a:b], p)
 
-    def l1_before_after(self, spec: Spec, x, stats, p, firsts: Sequence[int], units):
+    def l1_before_after(self, spec: Spec, x, stats, p, firsts: Sequence[int], units,
+                        offset: int = 0):  # fmt: skip
         """Per row j: (sum over all entries, sum over kept entries) of round(|task vector j|
         * units[j]), in one eager pass: what masked_l1 gives without and with the mask (the
         mask multiplies by 1 or 0, so rounding then masking equals masking then rounding)."""
@@ -268,7 +270,7 @@ class Kernels:
                 q = torch.round(mag * units[j])
                 before[j] += float(q.sum(dtype=torch.float64))
                 o = _keep_offset(spec, j)  # the mask reads |d| only, if anything
-                keep = _keep(spec.kind, mag, st[j], p, o, firsts, j, a)
+                keep = _keep(spec.kind, mag, st[j], p, o, firsts, j, a + offset)
                 after[j] += float(q.mul_(keep).sum(dtype=torch.float64))
         return before, after
 

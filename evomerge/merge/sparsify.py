@@ -62,26 +62,81 @@ def magnitude_cut(mag: torch.Tensor, p: int) -> tuple[float, int]:
     p == n keeps nothing: (inf, n). A radix selection on the float bits: a histogram of
     the high 16 bits finds the bucket of position p, one of the low 16 bits (over that
     bucket only) the value. O(n), no sort; with a cached `magnitude_order` the same answer
-    is (mag[order[p]], order[p]).
+    is (mag[order[p]], order[p]). `magnitude_cuts` gives the same answer over chunks.
+    """
+    return magnitude_cuts(lambda: iter([(mag.reshape(-1),)]), [(0, p)])[0]
+
+
+def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float, int]]:
+    """magnitude_cut for several (stream, position) requests over tensors given as
+    consecutive flat chunks: chunks() yields, on each call (one per pass, at most three),
+    a tuple with the next chunk of |delta| of every stream.
+
+    The histograms are integer counts, so the answer does not depend on how the tensors
+    are cut: bit-identical to magnitude_cut on each whole tensor.
     """
     import torch
 
-    flat = mag.reshape(-1)
-    n = flat.numel()
-    if p >= n:
-        return float("inf"), n
-    bits = _bits(mag)
-    hi = bits >> 16
-    cum = torch.bincount(hi, minlength=1 << 15).cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(p, device=cum.device), right=True))
-    p -= int(cum[b - 1]) if b else 0  # position within bucket b
-    idx = torch.nonzero(hi == b).view(-1)  # ascending flat index
-    low = bits[idx] & 0xFFFF
-    cum2 = torch.bincount(low, minlength=1 << 16).cumsum(0)
-    v = int(torch.searchsorted(cum2, torch.tensor(p, device=cum.device), right=True))
-    p -= int(cum2[v - 1]) if v else 0  # position among the entries equal to the threshold
-    first = int(idx[torch.nonzero(low == v).view(-1)[p]])
-    return float(flat[first]), first
+    n, hist = 0, None
+    for cs in chunks():  # pass 1: high 16 bits, per stream
+        n += cs[0].numel()
+        h = torch.stack([torch.bincount(_bits(c) >> 16, minlength=1 << 15).cpu() for c in cs])
+        hist = h if hist is None else hist + h
+    out: list[tuple[float, int]] = [(float("inf"), n)] * len(positions)
+    todo = [i for i, (_, p) in enumerate(positions) if p < n]
+    if not todo or hist is None:
+        return out
+    cum = hist.cumsum(1)
+    where = {i: (positions[i][0], *_locate(cum[positions[i][0]], positions[i][1])) for i in todo}
+    buckets = sorted({(s, b) for s, b, _ in where.values()})
+    low = {sb: torch.zeros(1 << 16, dtype=torch.int64) for sb in buckets}
+    dense = {sb: int(hist[sb]) * 16 > n for sb in buckets}  # a large share of all entries
+    for cs in chunks():  # pass 2: low 16 bits inside the buckets asked for
+        for s, b in buckets:
+            low[s, b] += _low_hist(_bits(cs[s]), b, dense[s, b])
+    value, rank = {}, {}
+    for i in todo:
+        s, b, r = where[i]
+        v, r = _locate(low[s, b].cumsum(0), r)
+        value[i], rank[i] = (b << 16) | v, r  # the rank-th entry (flat order) equal to value
+    seen, a = dict.fromkeys(todo, 0), 0
+    for cs in chunks():  # pass 3: the flat index of that entry
+        for i in [i for i in todo if seen[i] >= 0]:
+            hits = torch.nonzero(_bits(cs[where[i][0]]) == value[i]).view(-1)
+            if seen[i] + hits.numel() > rank[i]:
+                out[i], seen[i] = (_float_of(value[i]), a + int(hits[rank[i] - seen[i]])), -1
+            else:
+                seen[i] += hits.numel()
+        a += cs[0].numel()
+        if all(v < 0 for v in seen.values()):
+            break
+    return out
+
+
+def _low_hist(bits: torch.Tensor, b: int, dense: bool) -> torch.Tensor:
+    """Histogram of the low 16 bits of the entries whose high bits are b (same counts
+    either way): selecting them is faster for a small bucket, masking the others into an
+    extra bin for a bucket holding most entries (e.g. the exact zeros of sparse deltas)."""
+    import torch
+
+    if not dense:
+        return torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16).cpu()
+    low = (bits & 0xFFFF).masked_fill_((bits >> 16) != b, 1 << 16)
+    return torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16].cpu()
+
+
+def _locate(cum: torch.Tensor, p: int) -> tuple[int, int]:
+    """(bucket, position within it) of sorted position p, from a cumulative histogram."""
+    import torch
+
+    b = int(torch.searchsorted(cum, torch.tensor(p, dtype=cum.dtype), right=True))
+    return b, p - (int(cum[b - 1]) if b else 0)
+
+
+def _float_of(bits: int) -> float:
+    import torch
+
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 # ---- DARE / DELLA ------------------------------------------------------------------------------
@@ -98,7 +153,10 @@ def to_planes(v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def draws(seed: int, tensor_name: str, row: int, numel: int, device) -> torch.Tensor:
+def draws(
+    seed: int, tensor_name: str, row: int, numel: int, device, start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """16-bit uniform draws keyed by (seed, tensor name, row): (2, numel) uint8 [hi, lo].
 
     A PCG64 generator seeded from sha256 of the key makes the draws independent of the order
@@ -110,13 +168,29 @@ def draws(seed: int, tensor_name: str, row: int, numel: int, device) -> torch.Te
     import numpy as np
     import torch
 
-    key = f"{seed}:{tensor_name}:{row}".encode()
-    rng = np.random.Generator(
-        np.random.PCG64(int.from_bytes(hashlib.sha256(key).digest(), "little"))
-    )
-    words = rng.integers(0, 2**64, size=(2 * numel + 7) // 8, dtype=np.uint64)
-    planes = words.astype("<u8", copy=False).view(np.uint8)[: 2 * numel].reshape(2, numel)
+    stop = numel if stop is None else stop
+    if start == 0 and stop == numel:
+        planes = _draw_bytes(seed, tensor_name, row, 0, 2 * numel).reshape(2, numel)
+    else:  # entries start..stop of the hi plane (bytes 0..n) and of the lo plane (n..2n)
+        hi = _draw_bytes(seed, tensor_name, row, start, stop)
+        lo = _draw_bytes(seed, tensor_name, row, numel + start, numel + stop)
+        planes = np.stack([hi, lo])
     return torch.from_numpy(planes).to(device)
+
+
+def _draw_bytes(seed: int, tensor_name: str, row: int, a: int, b: int):
+    """Bytes a..b of the key's stream of uniform 64-bit words (little endian): the
+    generator skips the a // 8 words before them (PCG64.advance, exact)."""
+    import numpy as np
+
+    key = f"{seed}:{tensor_name}:{row}".encode()
+    bit_gen = np.random.PCG64(int.from_bytes(hashlib.sha256(key).digest(), "little"))
+    w0 = a // 8
+    if w0:
+        bit_gen.advance(w0)
+    rng = np.random.Generator(bit_gen)
+    words = rng.integers(0, 2**64, size=(b + 7) // 8 - w0, dtype=np.uint64)
+    return words.astype("<u8", copy=False).view(np.uint8)[a - 8 * w0 : b - 8 * w0]
 
 
 def della_ranks(mag: torch.Tensor) -> torch.Tensor:

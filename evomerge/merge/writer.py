@@ -1,16 +1,25 @@
 """Checkpoint writing: an atomic, sharded safetensors writer, and the output-folder rules.
 
-A merge is written to OUT_DIR.tmp-<random> and moved into place only when complete, with
-config.json last, so a killed merge never leaves a folder that looks like a checkpoint.
+Every file of a merge (shards, index, tokenizer, card, generation_config.json, config.json
+last) is written into OUT_DIR.tmp-<pid>-<random>; the complete folder then replaces OUT_DIR in
+one atomic step (Linux: renameat2 RENAME_EXCHANGE swaps the two folders). Where the system cannot
+swap, the old output is moved to OUT_DIR.old-<pid>-<random> first, and the next run into OUT_DIR
+restores it if a kill came between the two renames. Leftovers of dead processes are removed by
+the next run, so at any moment OUT_DIR is the complete old output or the complete new one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import secrets
 import shutil
+import signal
 import struct
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -20,6 +29,115 @@ from evomerge.merge.io import INDEX, MARKER, TOKENIZER_FILES, _st_code
 
 if TYPE_CHECKING:
     import torch
+
+
+# The writer's steps, in order, numbered in this one place. Test hook: with
+# EVOMERGE_WRITER_KILL_AT=k the process SIGKILLs itself on reaching STEPS[k-1], so the crash tests
+# can kill a merge at every step. "old-moved-aside" is reached only where folders cannot be swapped.
+STEPS = (
+    "shard-started", "shards-named", "index-written", "tokenizer-copied",
+    "generation-config-written", "files-written", "marker-written", "config-written",
+    "old-moved-aside", "swapped", "old-removed",
+)  # fmt: skip
+KILL_AT_ENV = "EVOMERGE_WRITER_KILL_AT"
+NO_EXCHANGE_ENV = "EVOMERGE_WRITER_NO_EXCHANGE"  # test hook: take the two-rename path
+
+
+def _reached(step: str) -> None:
+    at = os.environ.get(KILL_AT_ENV, "")
+    if at.isdigit() and 0 < int(at) <= len(STEPS) and STEPS[int(at) - 1] == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    # through the module's `open`, like the shards: one place where disk-full surfaces
+    with open(path, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap folders a and b in one atomic step; False where the system or filesystem cannot."""
+    if sys.platform != "linux" or os.environ.get(NO_EXCHANGE_ENV):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_complete(folder: Path) -> bool:
+    """An evomerge output whose writer finished: config.json is written last, after the marker."""
+    return (folder / "config.json").is_file() and (folder / MARKER).is_file()
+
+
+def recover_out_dir(out_dir: Path) -> None:
+    """Undo what a killed writer left next to out_dir: restore OUT_DIR.old-* when OUT_DIR is
+    missing (killed between the two renames), then remove the .old-*/.tmp-* folders of dead
+    processes. A live writer's folders (its pid is in the name) are left alone."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return
+    dead: list[Path] = []
+    for p in sorted(out_dir.parent.iterdir()):
+        for kind in (".old-", ".tmp-"):
+            prefix = f"{out_dir.name}{kind}"
+            pid = p.name[len(prefix) :].split("-")[0]
+            if p.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+                dead.append(p)
+    if not out_dir.exists():
+        for p in dead:
+            if ".old-" in p.name[len(out_dir.name) :] and is_complete(p):
+                os.replace(p, out_dir)
+                dead.remove(p)
+                break
+    for p in dead:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, out_dir: Path, old: Path) -> None:
+    """Put the complete folder tmp at out_dir, replacing an existing out_dir in one atomic swap
+    where the system can. Otherwise with two renames: a kill between them leaves out_dir missing
+    and the complete previous folder at `old`, which recover_out_dir() puts back."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        _reached("swapped")
+        return
+    if _exchange(tmp, out_dir):  # tmp now holds the previous folder
+        _reached("swapped")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _reached("old-removed")
+        return
+    os.replace(out_dir, old)
+    _reached("old-moved-aside")
+    os.replace(tmp, out_dir)
+    _reached("swapped")
+    shutil.rmtree(old, ignore_errors=True)
+    _reached("old-removed")
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -70,10 +188,11 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, *, max_shard_bytes: int, dtype: torch.dtype):
         self.out_dir = Path(out_dir)
+        recover_out_dir(self.out_dir)
         check_out_dir(self.out_dir)
         self.max_shard_bytes = max_shard_bytes
         self.dtype = dtype
-        self.tmp = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{secrets.token_hex(4)}")
+        self.tmp = self.out_dir.with_name(self._sibling_name("tmp"))
         self.tmp.mkdir(parents=True)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
@@ -81,6 +200,11 @@ class CheckpointWriter:
         self._planned: dict[str, tuple[int, int]] | None = None  # name -> (shard, offset)
         self._handles: dict[int, BinaryIO] = {}
         self._written: set[str] = set()
+        self._lock = threading.Lock()  # add() and write_rows() from merge threads share files
+
+    def _sibling_name(self, kind: str) -> str:
+        # the pid tells recover_out_dir() whether the folder's writer is still alive
+        return f"{self.out_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
     def _nbytes(self, shape: Sequence[int]) -> int:
         import math
@@ -105,6 +229,7 @@ class CheckpointWriter:
             fh = open(self.tmp / f"part-{k}", "wb")
             fh.write(header)
             self._handles[k] = fh
+            _reached("shard-started")
             for name, off in offsets.items():
                 self._planned[name] = (k, len(header) + off)
 
@@ -132,15 +257,32 @@ class CheckpointWriter:
             if name not in self._planned:
                 raise MergeError(f"output tensor '{name}' was not planned")
             k, off = self._planned[name]
-            fh = self._handles[k]
-            fh.seek(off)
-            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            with self._lock:
+                fh = self._handles[k]
+                fh.seek(off)
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             return
         nb = t.numel() * t.element_size()
         if self._buffer and self._buffered + nb > self.max_shard_bytes:
             self._flush()
         self._buffer[name] = t.clone() if t.data_ptr() == tensor.data_ptr() else t
         self._buffered += nb
+
+    def write_rows(self, name: str, row: int, tensor: torch.Tensor) -> None:
+        """Write rows row.. of planned tensor `name` (a row chunk; any thread). The tensor
+        counts as written from its first chunk on; the caller writes every row once."""
+        import torch
+
+        if self._planned is None or name not in self._planned:
+            raise MergeError(f"output tensor '{name}' was not planned")
+        t = tensor.detach().to("cpu", self.dtype).contiguous()
+        k, off = self._planned[name]
+        row_bytes = t[0].numel() * t.element_size() if t.dim() else 0
+        with self._lock:
+            self._written.add(name)
+            fh = self._handles[k]
+            fh.seek(off + row * row_bytes)
+            fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
     def _flush(self) -> None:
         import torch
@@ -151,6 +293,7 @@ class CheckpointWriter:
             fh.write(header)
             for t in self._buffer.values():
                 fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        _reached("shard-started")
         self._shards.append(items)
         self._buffer, self._buffered = {}, 0
 
@@ -171,9 +314,11 @@ class CheckpointWriter:
             for name, shape in items:
                 weight_map[name] = fname
                 total += self._nbytes(shape)
+        _reached("shards-named")
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            _write(self.tmp / INDEX, json.dumps(index, indent=2) + "\n")
+        _reached("index-written")
 
     def finish(
         self,
@@ -182,41 +327,36 @@ class CheckpointWriter:
         copy_from: Path | None = None,
         files: Mapping[str, str | bytes] | None = None,
     ) -> Path:
-        """Write shards, index, config.json, generation_config.json, tokenizer files copied from
-        `copy_from`, then `files` (name -> content; overrides copies), then move into place."""
+        """Write shards, index, tokenizer files copied from `copy_from`, generation_config.json,
+        `files` (name -> content; overrides copies), the marker and config.json into the
+        temporary folder, then put the complete folder in place."""
         self._close_shards()
         if copy_from is not None:
             for name in (*TOKENIZER_FILES, "generation_config.json"):
                 if (Path(copy_from) / name).is_file():
-                    shutil.copyfile(Path(copy_from) / name, self.tmp / name)
+                    _copy(Path(copy_from) / name, self.tmp / name)
+        _reached("tokenizer-copied")
         if not (self.tmp / "generation_config.json").exists():
             gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                    if config.get(k) is not None}  # fmt: skip
-            (self.tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            _write(self.tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+        _reached("generation-config-written")
         for name, content in (files or {}).items():
-            target = self.tmp / Path(name).name  # file names only: never a path out of the folder
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
-        (self.tmp / MARKER).write_text("written by evomerge; safe to overwrite with a new merge\n")
+            # file names only: never a path out of the folder
+            _write(self.tmp / Path(name).name, content)
+        _reached("files-written")
+        _write(self.tmp / MARKER, "written by evomerge; safe to overwrite with a new merge\n")
+        _reached("marker-written")
+        # config.json last: only a temporary folder that is complete has one
+        _write(self.tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        _reached("config-written")
         self._move_into_place()
-        # config.json last and atomically: a folder with one loads as a checkpoint, so a crash
-        # at any moment leaves no folder (temporary or final) that looks complete but is not
-        part = self.out_dir / "config.json.part"
-        part.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(part, self.out_dir / "config.json")
         return self.out_dir
 
     def _move_into_place(self) -> None:
-        old = None
         if self.out_dir.exists():
             check_out_dir(self.out_dir)  # still ours? (it may have changed during the merge)
-            old = self.out_dir.with_name(f"{self.out_dir.name}.old-{secrets.token_hex(4)}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.out_dir, self.out_dir.with_name(self._sibling_name("old")))
 
     def abort(self) -> None:
         for fh in self._handles.values():

@@ -31,8 +31,14 @@ OBJECTIVE_NAMES = "objective_names"
 DOC_IDS = "doc_ids"  # {task: {split: "0-63,..."}}: the documents each split used
 BASE_PREFIX = "base_"  # base_<split>: the base model's {task: mean} on that split
 HELDOUT_PREFIX = "heldout_"  # heldout_<number>: {"tasks": {...}, "objective": [...]}
+# ... plus, since the held-out split has two parts, "select" and "test": each {"tasks": {...},
+# "objective": [...]} on that part alone. An entry without them (an older study, or a task
+# with under 2 held-out documents) chose and tested on the same documents.
+FIDELITY = "fidelity_sample"  # [trial numbers]: the seeded sample of COMPLETE trials re-scored
+# on held-out to measure how well the proxy ranks candidates (Spearman over all of them)
 
 SPLITS = ("search", "heldout")
+PARTS = ("select", "test")  # the held-out parts (base_select / base_test, doc_ids entries)
 
 
 def proxy_key(task: str) -> str:
@@ -56,3 +62,15 @@ def heldout_number(key: str) -> int | None:
     """The trial number of a study attribute `heldout_<number>`, else None."""
     rest = key.removeprefix(HELDOUT_PREFIX)
     return int(rest) if key.startswith(HELDOUT_PREFIX) and rest.isdigit() else None
+
+
+def heldout_part(entry: dict, part: str) -> dict:
+    """{"tasks": ..., "objective": ...} of a held-out entry on one part ("select" / "test"),
+    else the whole held-out entry (an older study: the same documents chose and tested)."""
+    sub = entry.get(part)
+    return sub if isinstance(sub, dict) else entry
+
+
+def has_parts(entry: dict) -> bool:
+    """Whether a held-out entry was chosen and tested on disjoint documents."""
+    return all(isinstance(entry.get(p), dict) for p in PARTS)

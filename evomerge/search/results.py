@@ -32,12 +32,15 @@ class SearchOutcome:
     space: SearchSpace
     directions: list[str]
     objective_names: list[str]
-    best_trial: Any | None  # FrozenTrial: best held-out objective, else best proxy
+    best_trial: Any | None  # FrozenTrial: best held-out "select" objective, else best proxy
     best_recipe: Recipe | None
     top_trials: list[Any] = field(default_factory=list)
     heldout: dict[int, dict[str, Any]] = field(default_factory=dict)
     base: dict[str, dict[str, float]] = field(default_factory=dict)
-    spearman: float | None = None
+    spearman: float | None = None  # proxy vs held-out test over the top trials re-scored
+    spearman_n: int = 0
+    fidelity: float | None = None  # ... over the seeded sample of all COMPLETE trials
+    fidelity_n: int = 0
     pareto: list[Any] = field(default_factory=list)
     study: Any = None
 
@@ -135,6 +138,8 @@ def trials_frame(study: Any, names: list[str] | None = None) -> Any:
             row.update({f"heldout_{task}": v for task, v in h["tasks"].items()})
             for k, name in enumerate(names):
                 row[f"heldout_{name}"] = h["objective"][k]
+                for part in keys.PARTS:  # the whole split's value when the study has no parts
+                    row[f"{part}_{name}"] = keys.heldout_part(h, part)["objective"][k]
         row["docs_scored"] = t.user_attrs.get(keys.DOCS_SCORED)
         row["seconds"] = t.duration.total_seconds() if t.duration else None
         row["baseline"] = t.user_attrs.get(keys.BASELINE, "")
@@ -176,8 +181,9 @@ def open_saved_study(study_dir: str | Path, storage: str | None = None) -> tuple
 
 
 def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> SearchOutcome:
-    """Best trial (best held-out objective when re-scored, else best proxy), top trials,
-    held-out scores, the base model's scores and the proxy/held-out Spearman correlation."""
+    """Best trial (best held-out "select" part objective when re-scored, else best proxy), top
+    trials, held-out scores, the base model's scores and the proxy vs held-out test Spearman
+    correlations (the top trials; the seeded sample of all COMPLETE trials)."""
     study, url, _meta = open_saved_study(study_dir, storage)
     attrs = study.user_attrs
     if keys.SPACE_YAML not in attrs:
@@ -189,13 +195,18 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
     sign = 1.0 if directions[0] == "maximize" else -1.0
     front = pareto_front(study)
     # the default pick: among the candidates (the Pareto front when several objectives, else the
-    # feasible trials), the best held-out first objective, else the best proxy one
+    # feasible trials), the best first objective on the held-out "select" part, else the best
+    # proxy one; the "test" part chose nothing, so it is what the reports show
     pool = front if len(directions) > 1 else [t for t in top if feasible(t)] or top
     rescored = [t for t in pool if t.number in held]
-    best = max(rescored, key=lambda t: sign * held[t.number]["objective"][0], default=None)
+    best = max(rescored, key=lambda t: sign * _objective(held[t.number], "select"), default=None)
     numbers = {t.number for t in pool}
     best = best or next((t for t in top if t.number in numbers), top[0] if top else None)
-    pairs = [(t.values[0], held[t.number]["objective"][0]) for t in top if t.number in held]
+    pairs = [(t.values[0], _objective(held[t.number], "test")) for t in top if t.number in held]
+    proxy = {t.number: t.values[0] for t in top}
+    drawn = [n for n in attrs.get(keys.FIDELITY, []) if n in held and n in proxy]
+    fid = [(proxy[n], _objective(held[n], "test")) for n in drawn]
+    splits = (*keys.SPLITS, *keys.PARTS)
     return SearchOutcome(
         study_name=study.study_name,
         study_dir=Path(study_dir),
@@ -207,10 +218,48 @@ def load_study_outcome(study_dir: str | Path, storage: str | None = None) -> Sea
         best_recipe=space.decode(best.params) if best else None,
         top_trials=top,
         heldout=held,
-        base={s: attrs[keys.base_key(s)] for s in keys.SPLITS if keys.base_key(s) in attrs},
+        base={s: attrs[keys.base_key(s)] for s in splits if keys.base_key(s) in attrs},
         spearman=spearman([p[0] for p in pairs], [p[1] for p in pairs]),
+        spearman_n=len(pairs),
+        fidelity=spearman([p[0] for p in fid], [p[1] for p in fid]),
+        fidelity_n=len(fid),
         pareto=front,
         study=study,
+    )
+
+
+def _objective(entry: dict, part: str) -> float:
+    return float(keys.heldout_part(entry, part)["objective"][0])
+
+
+def spearman_lines(out: SearchOutcome) -> list[str]:
+    """The proxy fidelity figures: over the top trials (a narrow range of proxy scores) and over
+    the seeded sample of all COMPLETE trials (how well the proxy ranks candidates)."""
+    lines = []
+    for what, rho, n in (
+        ("top trials", out.spearman, out.spearman_n),
+        ("seeded sample of all COMPLETE trials", out.fidelity, out.fidelity_n),
+    ):
+        if n:
+            value = "n/a" if rho is None else f"{rho:.3f}"
+            lines.append(f"proxy vs held-out test Spearman, {what}: {value} ({n} trials)")
+    return lines
+
+
+def chosen_and_tested(out: SearchOutcome, number: int | None = None) -> str:
+    """Which documents chose the trial (the default pick, or `number`) and which tested it."""
+    n = out.best_trial.number if number is None and out.best_trial is not None else number
+    entry = out.heldout.get(n) if n is not None else None
+    if entry is None:
+        return "chosen on the search split (proxy); not scored on held-out"
+    if not keys.has_parts(entry):
+        return (
+            "chosen and tested on the same held-out documents (a study without the held-out "
+            "selection/test parts): its held-out score was also used for selection"
+        )
+    return (
+        "chosen on the held-out selection part; tested on the held-out test part, which "
+        "chose nothing"
     )
 
 
@@ -231,8 +280,7 @@ def status_text(out: SearchOutcome, top: int = 20) -> str:
     ):
         lines.append(board[cols].to_string() if order else "no COMPLETE trial yet")
     lines += best_lines(out)
-    if out.spearman is not None:
-        lines.append(f"proxy vs held-out Spearman: {out.spearman:.3f} ({len(out.heldout)} trials)")
+    lines += spearman_lines(out)
     if out.best_trial is not None:
         lines.append(f"export default: {pick_reason(out)}")
     failed = [t for t in out.study.get_trials(deepcopy=False) if t.user_attrs.get(keys.FAIL_REASON)]
@@ -264,8 +312,11 @@ def best_lines(out: SearchOutcome) -> list[str]:
             pick = (max if d == "maximize" else min)(pool, key=lambda t: t.values[k])
             lines.append(f"best proxy {name} ({d}): trial {pick.number} = {pick.values[k]:.4f}")
     if out.best_trial is not None and out.best_trial.number in out.heldout:
-        h = out.heldout[out.best_trial.number]["objective"][0]
-        lines.append(f"best held-out: trial {out.best_trial.number} = {h:.4f}")
+        entry = out.heldout[out.best_trial.number]
+        lines.append(
+            f"held-out test of the pick: trial {out.best_trial.number} = "
+            f"{_objective(entry, 'test'):.4f} ({chosen_and_tested(out)})"
+        )
     if out.pareto:
         lines.append(
             "Pareto front (feasible): "
@@ -280,7 +331,7 @@ def pick_reason(out: SearchOutcome) -> str:
     if best is None:
         return "none (no fully evaluated trial)"
     name = out.objective_names[0] if out.objective_names else "objective"
-    held = "held-out" if best.number in out.heldout else "proxy"
+    held = "held-out selection-part" if best.number in out.heldout else "proxy"
     if len(out.directions) > 1:
         front = ", ".join(f"#{t.number}" for t in out.pareto)
         why = (
@@ -294,79 +345,3 @@ def pick_reason(out: SearchOutcome) -> str:
     return (
         f"trial {best.number}, {why}; take another with `evomerge export {out.study_dir} --trial N`"
     )
-
-
-def _fmt(v: Any, groups: int | None) -> str:
-    """One recipe value for a trial line: a number, a gradient as its searched layer-group
-    values (`(0.41,0.77)`: the first layer of each of `groups` groups, as decode.py writes
-    them; runs of equal values when the group count is unknown), a filter list as
-    `{mlp:0.5,*:0.3}`."""
-    from evomerge.recipe import FilterEntry
-
-    if not isinstance(v, list):
-        one = f"{v:.3g}" if isinstance(v, float) else str(v)
-        # a layered value decode wrote as a scalar (every group equal) still shows its groups
-        return "(" + ",".join([one] * groups) + ")" if groups and groups > 1 else one
-    if v and isinstance(v[0], FilterEntry):
-        return "{" + ",".join(f"{e.filter or '*'}:{_fmt(e.value, groups)}" for e in v) + "}"
-    n = len(v)
-    if groups and groups <= n:
-        picks = [v[-(-g * n // groups)] for g in range(groups)]
-    else:
-        picks = [x for i, x in enumerate(v) if i == 0 or x != v[i - 1]]
-    return "(" + ",".join(_fmt(x, None) for x in picks) + ")"
-
-
-def space_groups(space: Any, method: str) -> dict[str, int]:
-    """{parameter: layer groups} of a method's searched parameters in a SpaceSpec (a relative
-    parameter varies with its bound's groups)."""
-    specs = {p.name: p for p in space.params.get(method, [])}
-    out = {}
-    for p in specs.values():
-        dep = specs.get(p.relative_to or "")
-        k = max(
-            p.groups if p.searched else 1, dep.groups if dep is not None and dep.searched else 1
-        )
-        if k > 1:
-            out[p.name] = k
-    return out
-
-
-def summary(recipe: Recipe, limit: int = 6, groups: dict[str, int] | None = None) -> str:
-    """Short params text: per-model values, then global ones; `groups` ({parameter: layer
-    groups}) shows a per-layer value as its group values."""
-    st = recipe.final
-    g = groups or {}
-    parts = [st.merge_method]
-    for name in list(st.models[0].parameters)[:limit] if st.models else []:
-        vals = ",".join(_fmt(m.parameters.get(name), g.get(name)) for m in st.models)
-        parts.append(f"{name}=({vals})")
-    parts += [f"{k}={_fmt(v, g.get(k))}" for k, v in st.parameters.items()]
-    return " ".join(parts)
-
-
-def trial_line(
-    st: Any, number: int, recipe: Recipe | None, seconds: float, space: Any = None
-) -> str:
-    """`#12 COMPLETE ties weight=(...) | add 0.61 rev 0.40 | obj 0.647 | 3.2s | best #9 0.70`
-    (`space`: the SpaceSpec, whose layer groups the per-layer values are shown by)."""
-    t = _get(st, number)
-    state = trial_state(t)
-    scores = " ".join(f"{k} {v:.3f}" for k, v in keys.proxy_scores(t.user_attrs).items())
-    vals = " ".join(f"{v:.4f}" for v in (t.values or [])) if state == "COMPLETE" else ""
-    what = t.user_attrs.get(keys.FAIL_KIND, "")
-    if recipe is not None:
-        groups = space_groups(space, recipe.final.merge_method) if space is not None else None
-        what = summary(recipe, groups=groups)
-    line = f"#{t.number} {state} {what} | {scores} | obj {vals or '-'} | {seconds:.1f}s"
-    if t.user_attrs.get(keys.FAIL_REASON):
-        line += f" | {t.user_attrs[keys.FAIL_REASON]}"
-    top = ranked(st) if len(st.directions) == 1 else []
-    return line + (f" | best #{top[0].number} {top[0].value:.4f}" if top else "")
-
-
-def _get(st: Any, number: int) -> Any:
-    for t in st.get_trials(deepcopy=False):
-        if t.number == number:
-            return t
-    raise KeyError(number)

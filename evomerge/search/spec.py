@@ -43,9 +43,12 @@ EVAL_KEYS = (
     "device",
     "seed",
     "heldout_top_k",
+    "fidelity_sample",  # COMPLETE trials re-scored on held-out for the proxy's Spearman
     "batch_size",
     "self_check",  # start-up: a candidate and back must leave the base's scores unchanged
     "verify_transfer",  # vLLM: fingerprint every weight push against what was merged
+    "vllm",  # vllm.LLM keyword arguments (checked in loop/preflight.py against EngineArgs)
+    "lm_eval",  # lm-eval task options: num_fewshot, apply_chat_template, gen_kwargs...
 )
 SEARCH_KEYS = (
     "sampler",
@@ -330,6 +333,7 @@ _NUMBERS: dict[tuple[str, str], tuple[bool, float | None, bool, float | None]] =
     ("search", "penalty"): (False, 0, True, None),
     ("eval", "seed"): (True, None, True, None),
     ("eval", "heldout_top_k"): (True, 0, True, None),
+    ("eval", "fidelity_sample"): (True, 0, True, None),
     ("eval", "heldout_fraction"): (False, 0, True, 1),
 }
 

@@ -1,0 +1,199 @@
+"""Disk merges of one tensor in row chunks of bounded size (memory: a few chunks).
+
+Elementwise methods (linear, nearswap, passthrough) merge each chunk on its own. The
+generalized task arithmetic family needs whole-tensor numbers first -- magnitude thresholds
+(TIES, breadcrumbs), |x| bounds and L1 norms (rescale of DARE / DELLA) -- so it streams
+over the chunks in earlier passes to get them, then applies the kernel chunk by chunk with
+each chunk's flat offset. Every number is an integer count, an exact maximum or an exact
+integer-unit sum, and the kernel is entry by entry, so the result is bit-identical to the
+whole-tensor merge (tests/test_chunked.py compares bytes for every streamed method).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from evomerge.merge import sparsify as sp
+from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
+
+if TYPE_CHECKING:
+    from evomerge.merge.contract import MergeInputs
+
+Read = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor | None]"]  # rows -> models, base
+Chunks = Callable[[], Iterator[tuple[int, "MergeInputs"]]]  # (first row, inputs of the chunk)
+Write = Callable[[int, torch.Tensor], None]  # (first row, merged rows)
+
+
+class Arena:
+    """Reused flat buffers, one per (role, dtype), grown to the largest request: chunks of
+    every tensor shape share them (Buffers would keep one per shape)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._flat.get((role, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._flat[role, dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+def chunkable(method_name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of this shape is merged in row chunks by this method."""
+    from evomerge.merge.memory import STREAMED
+
+    return method_name in STREAMED and len(shape) >= 2 and shape[0] > 1
+
+
+def merge_chunked(
+    stage, name: str, shape: tuple[int, ...], t: float, read: Read, write: Write, arena: Arena,
+    step: int,
+) -> None:  # fmt: skip
+    """Merge tensor `name` in chunks of `step` rows: read(r0, r1) gives the listed models'
+    rows (n, r1 - r0, ...) and the unlisted base's (or None); write(r0, merged) stores them."""
+    from evomerge.merge.resolve import build_inputs, merge_tensor
+    from evomerge.merge.table import get_method
+
+    def chunks() -> Iterator[tuple[int, MergeInputs]]:
+        for r0 in range(0, shape[0], step):
+            models, base = read(r0, min(r0 + step, shape[0]))
+            yield r0, build_inputs(stage, name, models, base, t)
+
+    method = get_method(stage.merge_method)
+    if not method.elementwise and method.function.endswith(":gta_method"):
+        opts = dict(method.options)
+        gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena)
+        return
+    for r0 in range(0, shape[0], step):
+        models, base = read(r0, min(r0 + step, shape[0]))
+        out = arena.get("out", tuple(models.shape[1:]), torch.float32)
+        write(r0, merge_tensor(stage, name, models, base, t, out=out))
+
+
+def gta_chunked(
+    kind: str | None, consensus: str | None, shape: tuple[int, ...], chunks: Chunks,
+    write: Write, arena: Arena,
+) -> None:  # fmt: skip
+    """gta() of methods.py over row chunks: the same bits, a few chunks of memory."""
+    _, first = next(chunks())
+    su = setup(first, kind, consensus)
+    idx, bi, prm, m = first.non_base_rows(), first.base_index, first.params, len(su.dens)
+    if not idx:
+        for r0, inp in chunks():
+            write(r0, inp.base.to(torch.float32))
+        return
+    n, cols = math.prod(shape), shape[1]
+    keep, firsts = _keep_all_rows(kind, su, idx, n, cols, chunks, first.tensor_name)
+    p = torch.tensor(su.head + keep, dtype=torch.float32)
+    masked = [kind is not None and d < 1 for d in su.dens]
+    if prm.get("rescale") and any(masked):
+        p[m : 2 * m] = torch.tensor(_factors(su, idx, bi, masked, p, firsts, chunks, n))
+    for r0, inp in chunks():
+        x = inp.models.reshape(inp.models.shape[0], -1)
+        a = _offset(r0, inp)
+        out = arena.get("out", tuple(inp.base.shape), torch.float32)
+        stats = _stats(kind, inp, idx, bi, x, a, n)
+        EAGER.gta(su.spec, out.view(-1), x, stats, p, firsts, offset=a)
+        write(r0, out)
+
+
+def _mags(inp: MergeInputs, idx: list[int], bi: int) -> tuple[torch.Tensor, ...]:
+    """|models[row] - base| of each merged row, flat float32 (as gta's _Row.mag)."""
+    x = inp.models.reshape(inp.models.shape[0], -1)
+    base = x[bi].to(torch.float32)
+    return tuple((x[i].to(torch.float32) - base).abs_() for i in idx)
+
+
+def _keep_all_rows(kind, su: Setup, idx, n, cols, chunks: Chunks, name) -> tuple[list, list]:
+    """Keep arguments of every row: the positions keep_numbers asks for are collected first
+    (they do not depend on the data), then every cut comes from one streaming selection."""
+    if kind is None:
+        return [], []
+    asked: list[tuple[int, int]] = []
+
+    def record(j: int):
+        def cut(pos: int):
+            asked.append((j, pos))
+            return [0.0, 0.0], 0
+
+        return cut
+
+    for j in range(len(idx)):
+        keep_numbers(kind, su.dens[j], su.extras[j], n, cols, record(j), (name, idx[j]))
+    found = {}
+    if asked:
+        bi = next(chunks())[1].base_index
+        streams = lambda: (_mags(inp, idx, bi) for _, inp in chunks())  # noqa: E731
+        found = dict(zip(asked, sp.magnitude_cuts(streams, asked), strict=True))
+
+    def lookup(j: int):
+        def cut(pos: int):
+            if pos >= n:
+                return [math.inf, math.inf], n
+            thr, first = found[j, pos]
+            return [thr, _below(thr)], first
+
+        return cut
+
+    keep, firsts = [], []
+    for j in range(len(idx)):
+        k, f = keep_numbers(kind, su.dens[j], su.extras[j], n, cols, lookup(j), (name, idx[j]))
+        keep += k
+        firsts += f
+    return keep, firsts
+
+
+def _below(thr: float) -> float:
+    from evomerge.merge.gta import _below as below
+
+    return below(thr)
+
+
+def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int) -> list:
+    """The chunk's slice of each row's draws (and DELLA ranks, which are per row)."""
+    if kind not in ("random", "della"):
+        return [[] for _ in idx] if kind is not None else []
+    out = []
+    for i in idx:
+        draws = sp.draws(inp.seed, inp.tensor_name, i, n, x.device, a, a + x.shape[1])
+        if kind == "della":
+            mag = (x[i].to(torch.float32) - x[bi].to(torch.float32)).abs_()
+            out.append([draws, sp.della_ranks(mag.view(inp.base.shape))])
+        else:
+            out.append([draws])
+    return out
+
+
+def _factors(su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int) -> list[float]:
+    """Rescale factors (1.0: none) from two streaming passes: the |x| bounds that fix each
+    row's integer unit, then the exact integer-unit L1 norms before and after the mask."""
+    bound = [0.0] * (len(idx) + 1)
+    for _, inp in chunks():
+        for j, i in enumerate([*idx, bi]):
+            bound[j] = max(bound[j], sp.abs_bound(inp.models[i]))
+    units = [sp.l1_unit(bound[j] + bound[-1]) for j in range(len(idx))]
+    u = torch.tensor(units, dtype=torch.float32)
+    before, after = [0.0] * len(idx), [0.0] * len(idx)
+    kind = su.spec.kind
+    for r0, inp in chunks():
+        x = inp.models.reshape(inp.models.shape[0], -1)
+        a = _offset(r0, inp)
+        stats = _stats(kind, inp, idx, bi, x, a, n)
+        b, f = EAGER.l1_before_after(su.spec, x, stats, p, firsts, u, offset=a)
+        before = [s + v for s, v in zip(before, b, strict=True)]
+        after = [s + v for s, v in zip(after, f, strict=True)]
+    out = []
+    for j in range(len(idx)):
+        factor = sp.rescale_factor(before[j], after[j], units[j]) if masked[j] else None
+        out.append(1.0 if factor is None else factor)
+    return out
+
+
+def _offset(r0: int, inp: MergeInputs) -> int:
+    """Flat index of row r0 (rows of the whole tensor have the chunk's row size)."""
+    return r0 * math.prod(inp.base.shape[1:])

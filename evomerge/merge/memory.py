@@ -1,0 +1,87 @@
+"""The memory figures of a disk merge, in one place: the engine, in-place candidates and
+`evomerge plan` read them here, so a plan's estimate and the merge agree.
+
+A disk merge reads each large tensor in ROW CHUNKS of at most `chunk_bytes()` of float32 per
+input (64 MiB unless EVOMERGE_CHUNK_BYTES says otherwise), so its working set is a few chunks,
+not a few whole tensors. Methods whose statistic spans the whole tensor (TIES / breadcrumbs
+magnitude thresholds, DARE / DELLA rescale norms) compute it in earlier streaming passes
+over the same chunks (merge/chunked.py); methods without a streaming form (slerp,
+model_stock without filter_wise, nuslerp, multislerp, karcher, sce) still hold whole tensors.
+Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from evomerge.errors import ConfigError
+
+DEFAULT_CHUNK_BYTES = 64 << 20  # float32 bytes per input per chunk
+ENV_CHUNK_BYTES = "EVOMERGE_CHUNK_BYTES"
+
+# extra bytes per entry beyond the inputs and the float32 output, per merged model row:
+# GTA's |delta| (4) for magnitude cuts, 16-bit draws (2) for DARE, draws + ranks + the
+# int64 sort keys of a rank block (2 + 4) for DELLA
+_EXTRA_PER_ROW = {None: 0.0, "magnitude": 4.0, "breadcrumbs": 4.0, "random": 2.0, "della": 6.0}
+STREAMED = frozenset(  # methods whose disk merge streams every tensor of 2+ dims in row chunks
+    {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+     "della", "della_linear", "linear", "nearswap", "passthrough"}
+)  # fmt: skip
+
+
+def chunk_bytes() -> int:
+    """Float32 bytes per input per row chunk (EVOMERGE_CHUNK_BYTES overrides; tests set it
+    tiny to force many chunks)."""
+    raw = os.environ.get(ENV_CHUNK_BYTES)
+    if raw is None:
+        return DEFAULT_CHUNK_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 4:
+        raise ConfigError(
+            f"{ENV_CHUNK_BYTES} must be an integer number of bytes >= 4, but got {raw!r}"
+        )
+    return value
+
+
+def rows_per_chunk(shape: tuple[int, ...], budget: int | None = None) -> int:
+    """Rows of dim 0 per chunk so that one input's float32 chunk fits the budget (>= 1)."""
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    return max(1, (budget or chunk_bytes()) // max(1, 4 * row))
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """What one merge job holds per merged entry, and how many entries at once.
+
+    chunk_entries: entries per input per chunk on the disk path (None: whole tensors);
+    bytes_per_entry: inputs (input_bytes each) + float32 output + the method's extras.
+    """
+
+    method: str
+    chunk_entries: int | None
+    bytes_per_entry: float
+
+    def peak_bytes(self, largest_entries: int, workers: int = 1) -> int:
+        """Working set of `workers` jobs on tensors of at most `largest_entries` entries."""
+        n = largest_entries if self.chunk_entries is None else self.chunk_entries
+        return int(workers * min(n, largest_entries) * self.bytes_per_entry)
+
+
+def memory_figures(method: str, n_inputs: int, input_bytes: float = 4.0) -> MemoryFigures:
+    """The chunk size and per-entry bytes of `method` over n_inputs input rows."""
+    from evomerge.merge.table import get_method
+
+    m = get_method(method)
+    kind = dict(m.options).get("kind") if m.options else None
+    rows = max(1, n_inputs - (1 if m.needs_base else 0))
+    extra = _EXTRA_PER_ROW.get(kind, 0.0) * rows
+    if m.name not in STREAMED:  # whole tensors in float32, plus a few temporaries of each
+        return MemoryFigures(m.name, None, n_inputs * 4.0 + 4.0 + 3 * 4.0 * rows)
+    held = input_bytes if m.fused else 4.0
+    return MemoryFigures(m.name, chunk_bytes() // 4, n_inputs * held + 4.0 + extra)

@@ -1,0 +1,157 @@
+"""Peak memory and wall time of `evomerge merge` (and mergekit-yaml) at 7B / 14B scale.
+
+Builds header-only sparse checkpoints (a safetensors header listing every tensor of a
+Qwen2-7B / Qwen2-14B-shaped bf16 model, then truncate to full size: reads return zeros,
+no disk used), merges each method family in a subprocess, polls /proc/PID/status for
+RssAnon and VmHWM every 0.2 s, and writes results/bench/merge_memory.{json,md}.
+
+    python scripts/bench_merge_memory.py --sizes 7b --methods linear ties --mergekit-limit 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "7b": (3584, 18944, 28, 28, 4, 152064),
+    "14b": (5120, 13824, 48, 40, 8, 152064),
+}
+RECIPES = {
+    "linear": "merge_method: linear\nmodels:\n{rows}",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n{rows}",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n{rows}",
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n{rows}",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n{rows}",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n{rows}parameters: {{t: 0.5}}\n",
+}
+PARAMS = {"linear": "weight: 0.5", "ties": "weight: 0.5, density: 0.5",
+          "dare_ties": "weight: 0.5, density: 0.5", "della": "weight: 0.5, density: 0.5, "
+          "epsilon: 0.1", "model_stock": "", "slerp": ""}  # fmt: skip
+
+
+def tensors(size: str) -> dict[str, list[int]]:
+    h, inter, layers, heads, kv, vocab = SHAPES[size]
+    kvd = h // heads * kv
+    out = {"model.embed_tokens.weight": [vocab, h], "lm_head.weight": [vocab, h],
+           "model.norm.weight": [h]}  # fmt: skip
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n, s in [("self_attn.q_proj.weight", [h, h]), ("self_attn.q_proj.bias", [h]),
+                     ("self_attn.k_proj.weight", [kvd, h]), ("self_attn.k_proj.bias", [kvd]),
+                     ("self_attn.v_proj.weight", [kvd, h]), ("self_attn.v_proj.bias", [kvd]),
+                     ("self_attn.o_proj.weight", [h, h]), ("mlp.gate_proj.weight", [inter, h]),
+                     ("mlp.up_proj.weight", [inter, h]), ("mlp.down_proj.weight", [h, inter]),
+                     ("input_layernorm.weight", [h]),
+                     ("post_attention_layernorm.weight", [h])]:  # fmt: skip
+            out[p + n] = s
+    return out
+
+
+def write_sparse(folder: Path, size: str) -> None:
+    h, inter, layers, heads, kv, vocab = SHAPES[size]
+    folder.mkdir(parents=True, exist_ok=True)
+    head, pos = {}, 0
+    for name, shape in tensors(size).items():
+        nb = 2
+        for d in shape:
+            nb *= d
+        head[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [pos, pos + nb]}
+        pos += nb
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = folder / "model.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + pos)
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv, "vocab_size": vocab, "torch_dtype": "bfloat16",
+           "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+           "max_position_embeddings": 4096}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
+    """Run cmd, sampling RssAnon / VmHWM every 0.2 s; stop it after `limit` seconds."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peak_anon = peak_hwm = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+                elif line.startswith("VmHWM:"):
+                    peak_hwm = max(peak_hwm, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        if time.time() - t0 > limit:
+            proc.kill()
+            break
+        time.sleep(0.2)
+    out = proc.communicate()[0].decode(errors="replace")
+    return {"wall_s": round(time.time() - t0, 1), "rc": proc.returncode,
+            "peak_rss_anon_gb": round(peak_anon / 1e9, 3), "vm_hwm_gb": round(peak_hwm / 1e9, 3),
+            "finished": proc.returncode == 0, "tail": out[-400:]}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["7b"])
+    ap.add_argument("--methods", nargs="+", default=["linear", "ties"])
+    ap.add_argument("--mergekit-limit", type=float, default=0.0, help="seconds; 0 skips it")
+    ap.add_argument("--limit", type=float, default=3600.0)
+    ap.add_argument("--out", default="results/bench/merge_memory")
+    args = ap.parse_args()
+    results = []
+    work = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    try:
+        for size in args.sizes:
+            models = [work / f"{size}-{i}" for i in range(3)]
+            for m in models:
+                write_sparse(m, size)
+            for method in args.methods:
+                rows = "".join(f"- model: {m}\n  parameters: {{{PARAMS[method]}}}\n"
+                               for m in models[1:])  # fmt: skip
+                recipe = work / f"{method}.yaml"
+                recipe.write_text(RECIPES[method].format(base=models[0], rows=rows))
+                for tool in ["evomerge", *(["mergekit"] if args.mergekit_limit else [])]:
+                    out = work / "out"
+                    if tool == "evomerge":
+                        cmd = [sys.executable, "-m", "evomerge", "merge", str(recipe), str(out),
+                               "--no-progress"]  # fmt: skip
+                        limit = args.limit
+                    else:
+                        cmd = ["/work/main/.mergekit-venv/bin/mergekit-yaml", str(recipe), str(out)]
+                        limit = args.mergekit_limit
+                    r = watch(cmd, limit)
+                    r.update(size=size, method=method, tool=tool)
+                    print(json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
+                    results.append(r)
+                    shutil.rmtree(out, ignore_errors=True)
+                    for p in work.glob("out*"):
+                        shutil.rmtree(p, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    lines = ["| size | method | tool | wall s | peak RssAnon GB | VmHWM GB | finished |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_s']} | "
+                     f"{r['peak_rss_anon_gb']} | {r['vm_hwm_gb']} | {r['finished']} |")  # fmt: skip
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
