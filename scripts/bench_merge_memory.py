@@ -37,6 +37,8 @@ PARAMS = {"linear": "weight: 0.5", "ties": "weight: 0.5, density: 0.5",
           "dare_ties": "weight: 0.5, density: 0.5", "della": "weight: 0.5, density: 0.5, "
           "epsilon: 0.1", "model_stock": "", "slerp": ""}  # fmt: skip
 
+MERGEKIT_YAML = Path(__file__).resolve().parents[1] / ".mergekit-venv" / "bin" / "mergekit-yaml"
+
 
 def tensors(size: str) -> dict[str, list[int]]:
     h, inter, layers, heads, kv, vocab = SHAPES[size]
@@ -131,7 +133,7 @@ def main() -> int:
                                "--no-progress"]  # fmt: skip
                         limit = args.limit
                     else:
-                        cmd = ["/work/main/.mergekit-venv/bin/mergekit-yaml", str(recipe), str(out)]
+                        cmd = [str(MERGEKIT_YAML), str(recipe), str(out)]
                         limit = args.mergekit_limit
                     r = watch(cmd, limit)
                     r.update(size=size, method=method, tool=tool)
