@@ -186,7 +186,7 @@ def needs_compiler() -> pytest.MarkDecorator:
     from evomerge.merge.kernel import compile_available
 
     if compile_available("cpu"):
-        return pytest.mark.usefixtures()
+        return pytest.mark.compiled
     if os.environ.get("CI"):
         return pytest.mark.usefixtures("_compiler_missing_on_ci")
     return pytest.mark.skip(reason="no C++ compiler for inductor, or EVOMERGE_COMPILE=0")

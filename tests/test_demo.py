@@ -29,7 +29,7 @@ def test_demo_on_a_tiny_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     assert names[6] == "dirichlet random (best of 8)" and names[7].startswith("evomerge gp (")
     assert all(set(r["scores"]) == set(table["tasks"]) for r in table["rows"])
     out = capsys.readouterr().out
-    assert "Held-out scores" in out and names[7] in out
+    assert "Held-out test part scores" in out and names[7] in out
     export = results / "demo" / "export"
     assert (export / "recipe.yaml").is_file() and (export / "README.md").is_file()
     meta = json.loads((results / "demo" / "search.json").read_text())
