@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -37,7 +35,8 @@ PARAMS = {"linear": "weight: 0.5", "ties": "weight: 0.5, density: 0.5",
           "dare_ties": "weight: 0.5, density: 0.5", "della": "weight: 0.5, density: 0.5, "
           "epsilon: 0.1", "model_stock": "", "slerp": ""}  # fmt: skip
 
-MERGEKIT_YAML = Path(__file__).resolve().parents[1] / ".mergekit-venv" / "bin" / "mergekit-yaml"
+REPO = Path(__file__).resolve().parents[1]
+MERGEKIT_YAML = REPO / ".mergekit-venv" / "bin" / "mergekit-yaml"
 
 
 def tensors(size: str) -> dict[str, list[int]]:
@@ -59,27 +58,16 @@ def tensors(size: str) -> dict[str, list[int]]:
 
 
 def write_sparse(folder: Path, size: str) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_sparse_checkpoint  # the test suite's header-only writer
+
     h, inter, layers, heads, kv, vocab = SHAPES[size]
-    folder.mkdir(parents=True, exist_ok=True)
-    head, pos = {}, 0
-    for name, shape in tensors(size).items():
-        nb = 2
-        for d in shape:
-            nb *= d
-        head[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [pos, pos + nb]}
-        pos += nb
-    raw = json.dumps(head).encode()
-    raw += b" " * (-len(raw) % 8)
-    path = folder / "model.safetensors"
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + pos)
     cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h,
            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
            "num_key_value_heads": kv, "vocab_size": vocab, "torch_dtype": "bfloat16",
            "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
            "max_position_embeddings": 4096}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(cfg))
+    write_sparse_checkpoint(folder, tensors(size), cfg)
 
 
 def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:

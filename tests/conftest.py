@@ -198,3 +198,25 @@ def _compiler_missing_on_ci() -> None:
         "CI is set but torch.compile has no C++ compiler (or EVOMERGE_COMPILE=0): install one "
         "(e.g. apt-get install g++) so the compiled kernels the search uses are tested"
     )
+
+
+def write_sparse_checkpoint(folder: Path, shapes: dict[str, list[int]], cfg: dict) -> None:
+    """config.json + a bf16 safetensors file whose header lists every tensor, truncated to its
+    full size: a sparse file that header readers see at full scale and reads return zeros from
+    (planning and streaming tests at 7B-14B scale with no weights on disk)."""
+    import math
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = folder / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)

@@ -8,16 +8,15 @@ states them; the plan must not read the weights (peak RSS far below one model's 
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import write_sparse_checkpoint
 
 from evomerge.cli import main
 
@@ -42,23 +41,6 @@ def llama_shapes(hidden: int, layers: int, vocab: int, inter: int) -> dict[str, 
     return shapes
 
 
-def write_sparse_model(folder: Path, shapes: dict[str, list[int]], cfg: dict) -> None:
-    """config.json + a bf16 safetensors header for every tensor, truncated to full size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path = folder / "model.safetensors"
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
-
-
 def write_models(tmp: Path, hidden=4096, layers=32, vocab=32000, inter=11008) -> list[Path]:
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
@@ -69,7 +51,7 @@ def write_models(tmp: Path, hidden=4096, layers=32, vocab=32000, inter=11008) ->
     shapes = llama_shapes(hidden, layers, vocab, inter)
     out = [tmp / name for name in ("base", "expert_a", "expert_b")]
     for folder in out:
-        write_sparse_model(folder, shapes, cfg)
+        write_sparse_checkpoint(folder, shapes, cfg)
     return out
 
 
