@@ -50,15 +50,14 @@ class LiveWorkbench:
         from evomerge.eval.backends import load_backend
         from evomerge.eval.evaluator import Evaluator
         from evomerge.eval.tasks import load_tasks
+        from evomerge.loop.plan import engine_share
+        from evomerge.loop.preflight import engine_options, task_options_of
         from evomerge.merge.candidate import CandidateMerger
         from evomerge.merge.io import open_checkpoint, resolve_model_path
         from evomerge.merge.plan import check_compatible
 
         spec = space.spec
         # tasks already loaded by the pre-flight checks are not loaded twice
-        from evomerge.loop.plan import engine_share
-        from evomerge.loop.preflight import engine_options, task_options_of
-
         self.tasks = tasks or load_tasks(
             spec.tasks, heldout_fraction=heldout_fraction, seed=seed,
             options=task_options_of(space),
@@ -92,6 +91,7 @@ class LiveWorkbench:
             pack(self.merger.tensor_names)
         self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
         self._merged = False
+        self._route_settled = False  # vLLM: the update route is settled by the first push
 
     @classmethod
     def from_space(
@@ -139,39 +139,39 @@ class LiveWorkbench:
         live = self.backend.live_tensors()
         if live is not None:
             self.merger.apply(recipe.final, live)
+            return
+        if not self._route_settled and hasattr(self.backend, "probe_update_mode"):
+            # a streamed candidate cannot be sent twice: settle the engine's update route
+            # (in-place load_weights, else reload) with the loaded model's own tensors first
+            self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
+        self.backend.load_weights(self.merger.merged(recipe.final))
+
+    def _write_owned(self, pairs: list[tuple[str, Any]]) -> None:
+        """Owned (name, tensor) pairs into the live model: copied in place (HF) or pushed
+        (vLLM; the first push also settles the update route: probe_update_mode)."""
+        import torch
+
+        live = self.backend.live_tensors()
+        if live is not None:
+            with torch.no_grad():
+                for name, t in pairs:
+                    live[name].copy_(t)
+            return
+        probe = getattr(self.backend, "probe_update_mode", None)
+        if probe is not None and not self._route_settled:
+            probe(pairs)
+            self._route_settled = True
         else:
-            self.backend.load_weights(self.merger.merged(recipe.final))
+            self.backend.load_weights(pairs)
 
     def _push_plain(self, recipe: Recipe) -> None:
         """The plain path the fast one must agree with: every merged tensor copied out of the
         merger's buffers first, then written (HF) or pushed as owned tensors (vLLM)."""
-        import torch
-
-        pairs = [(n, t.clone()) for n, t in self.merger.merged(recipe.final)]
-        live = self.backend.live_tensors()
-        if live is None:
-            self.backend.load_weights(pairs)
-            return
-        with torch.no_grad():
-            for name, t in pairs:
-                live[name].copy_(t)
+        self._write_owned([(n, t.clone()) for n, t in self.merger.merged(recipe.final)])
 
     def restore_base(self) -> None:
         """Put the model the backend loaded back in place, undoing any candidate."""
-        import torch
-
-        tensors = self.merger.source_tensors(self.loaded_ref)
-        live = self.backend.live_tensors()
-        if live is not None:
-            with torch.no_grad():
-                for name, t in tensors:
-                    live[name].copy_(t)
-        else:
-            probe = getattr(self.backend, "probe_update_mode", None)  # vLLM: settle the route
-            if probe is not None:
-                probe(list(tensors))
-            else:
-                self.backend.load_weights(tensors)
+        self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
         self._merged = False
 
     def self_check(self) -> None:
