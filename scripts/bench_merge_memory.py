@@ -5,6 +5,12 @@ Qwen2-7B / Qwen2-14B-shaped bf16 model, then truncate to full size: reads return
 no disk used), merges each method family in a subprocess, polls /proc/PID/status for
 RssAnon and VmHWM every 0.2 s, and writes results/bench/merge_memory.{json,md}.
 
+The peer in the same run is the disk: a 2 GiB sequential write (fsync'd) in the output's
+folder gives the write speed, and a merge's bound is its output bytes at that speed (the
+inputs are sparse, so nothing is read from disk); each row prints wall / bound. A run
+stopped at its time limit reports the share of the output it had written and the wall
+time that projects to (none below 5%: too little to project from).
+
     python scripts/bench_merge_memory.py --sizes 7b --methods linear ties --mergekit-limit 120
 """
 
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,10 +38,13 @@ RECIPES = {
     "della": "merge_method: della\nbase_model: {base}\nmodels:\n{rows}",
     "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n{rows}",
     "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n{rows}parameters: {{t: 0.5}}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n{rows}"
+    "parameters: {{select_topk: 0.5}}\n",
+    "karcher": "merge_method: karcher\nmodels:\n{rows}",
 }
 PARAMS = {"linear": "weight: 0.5", "ties": "weight: 0.5, density: 0.5",
           "dare_ties": "weight: 0.5, density: 0.5", "della": "weight: 0.5, density: 0.5, "
-          "epsilon: 0.1", "model_stock": "", "slerp": ""}  # fmt: skip
+          "epsilon: 0.1", "model_stock": "", "slerp": "", "sce": "", "karcher": ""}  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEKIT_YAML = REPO / ".mergekit-venv" / "bin" / "mergekit-yaml"
@@ -94,6 +105,39 @@ def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
             "finished": proc.returncode == 0, "tail": out[-400:]}  # fmt: skip
 
 
+def write_speed(folder: Path, size: int = 2 << 30) -> float:
+    """Sequential write speed in bytes/s: `size` bytes in 64 MiB blocks, then fsync."""
+    block = b"\1" * (64 << 20)
+    path = folder / "write_speed.bin"
+    t0 = time.time()
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.time() - t0
+    path.unlink()
+    return size / dt
+
+
+def output_bytes(size: str) -> int:
+    """bf16 bytes of the merged checkpoint's tensors."""
+    import math
+
+    return sum(2 * math.prod(s) for s in tensors(size).values())
+
+
+def written(out: Path) -> int:
+    """Bytes on disk under out (allocated blocks: a preallocated file counts what it holds)."""
+    return sum(p.stat().st_blocks * 512 for p in out.rglob("*") if p.is_file())
+
+
+def _torch_version() -> str:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["7b"])
@@ -104,14 +148,17 @@ def main() -> int:
     args = ap.parse_args()
     results = []
     work = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    speed = write_speed(work)
+    print(f"sequential write: {speed / 1e6:.0f} MB/s", flush=True)
     try:
         for size in args.sizes:
             models = [work / f"{size}-{i}" for i in range(3)]
             for m in models:
                 write_sparse(m, size)
             for method in args.methods:
+                merged = models[1:2] if method == "slerp" else models[1:]  # slerp: base + 1
                 rows = "".join(f"- model: {m}\n  parameters: {{{PARAMS[method]}}}\n"
-                               for m in models[1:])  # fmt: skip
+                               for m in merged)  # fmt: skip
                 recipe = work / f"{method}.yaml"
                 recipe.write_text(RECIPES[method].format(base=models[0], rows=rows))
                 for tool in ["evomerge", *(["mergekit"] if args.mergekit_limit else [])]:
@@ -124,7 +171,21 @@ def main() -> int:
                         cmd = [str(MERGEKIT_YAML), str(recipe), str(out)]
                         limit = args.mergekit_limit
                     r = watch(cmd, limit)
-                    r.update(size=size, method=method, tool=tool)
+                    total = output_bytes(size)
+                    done = sum(written(p) for p in work.glob("*out*"))  # temp folders too
+                    share = 1.0 if r["finished"] else min(1.0, done / total)
+                    bound = total / speed
+                    r.update(
+                        size=size,
+                        method=method,
+                        tool=tool,
+                        write_mb_s=round(speed / 1e6),
+                        bound_s=round(bound, 1),
+                        share_written=round(share, 3),
+                        projected_wall_s=round(r["wall_s"] / share, 1) if share >= 0.05 else None,
+                    )
+                    r["x_bound"] = (round(r["projected_wall_s"] / bound, 2)
+                                    if r["projected_wall_s"] else None)  # fmt: skip
                     print(json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
                     results.append(r)
                     shutil.rmtree(out, ignore_errors=True)
@@ -134,12 +195,20 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    lines = ["| size | method | tool | wall s | peak RssAnon GB | VmHWM GB | finished |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| size | method | tool | wall s | written | projected s | write bound s | x bound "
+             "| peak RssAnon GB | VmHWM GB | finished |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         lines.append(f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_s']} | "
-                     f"{r['peak_rss_anon_gb']} | {r['vm_hwm_gb']} | {r['finished']} |")  # fmt: skip
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+                     f"{r['share_written']:.0%} | {r['projected_wall_s']} | {r['bound_s']} | "
+                     f"{r['x_bound']} | {r['peak_rss_anon_gb']} | {r['vm_hwm_gb']} | "
+                     f"{r['finished']} |")  # fmt: skip
+    head = [f"# Merge memory and wall time ({' '.join(sys.argv[1:])})", "",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, torch {_torch_version()}; sequential write "
+            f"{speed / 1e6:.0f} MB/s (2 GiB, fsync'd, same run). Inputs: header-only sparse bf16 "
+            "checkpoints (reads return zeros); output bf16.", ""]  # fmt: skip
+    Path(args.out + ".md").write_text("\n".join(head + lines) + "\n")
     return 0
 
 

@@ -1,8 +1,10 @@
 """Row-chunked disk merges (merge/chunked.py) give the same bytes as whole-tensor merges.
 
 EVOMERGE_CHUNK_BYTES forces chunks of a few rows, so every 2-D tensor is streamed (TIES /
-breadcrumbs thresholds, DARE / DELLA draws and rescale norms all cross chunk boundaries);
-the reference is the same CLI merge with chunks larger than any tensor (whole tensors).
+breadcrumbs thresholds, DARE / DELLA draws and rescale norms, the dot products of slerp,
+nuslerp, multislerp, karcher and model_stock, sce's variance cut all cross chunk
+boundaries); the reference is the same CLI merge with chunks larger than any tensor (whole
+tensors).
 """
 
 from __future__ import annotations
@@ -29,7 +31,22 @@ _PARAMS = {
     "della_linear": "weight: 0.7, density: 0.5, epsilon: 0.1",
     "nearswap": None,
     "passthrough": None,
+    "multislerp": "weight: 0.7",
+    "model_stock": "",
+    "sce": "",
+    "nuslerp": "weight: 0.7",
 }
+# methods with a whole-tensor statistic besides _PARAMS' defaults: (method, stage parameters)
+_VARIANTS = {
+    "slerp": ("slerp", "t: 0.3"),
+    "karcher": ("karcher", "max_iter: 20"),
+    "model_stock_filter_wise": ("model_stock", "filter_wise: true"),
+    "sce_topk": ("sce", "select_topk: 0.37"),
+    "nuslerp_rows": ("nuslerp", "nuslerp_flatten: false"),
+    "nuslerp_row_wise": ("nuslerp", "nuslerp_flatten: false, nuslerp_row_wise: true"),
+    "multislerp_no_base": ("multislerp", "normalize_weights: false"),
+}
+CASES = sorted({*STREAMED, *_VARIANTS})
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +55,14 @@ def models(tmp_path_factory) -> list[Path]:
     return [write_tiny_model(root / f"m{i}", seed=i, hidden=48) for i in range(3)]
 
 
-def _recipe(method: str, models: list[Path], out: Path) -> Path:
-    if method == "nearswap":
+def _recipe(case: str, models: list[Path], out: Path) -> Path:
+    method, stage = _VARIANTS.get(case, (case, ""))
+    if method == "slerp":
+        body = f"base_model: {models[0]}\nmodels:\n- model: {models[1]}\n"
+    elif method == "karcher" or case == "multislerp_no_base":
+        w = "{weight: 0.5}" if method == "multislerp" else "{}"
+        body = "models:\n" + "".join(f"- model: {m}\n  parameters: {w}\n" for m in models)
+    elif method == "nearswap":
         body = f"base_model: {models[0]}\nmodels:\n- model: {models[1]}\nparameters: {{t: 0.5}}\n"
     elif method == "passthrough":
         body = f"models:\n- model: {models[1]}\n  parameters: {{scale: 0.5}}\n"
@@ -48,6 +71,8 @@ def _recipe(method: str, models: list[Path], out: Path) -> Path:
         rows = "".join(f"- model: {m}\n  parameters: {{{_PARAMS[method]}}}\n" for m in models[1:])
         extra = "parameters: {rescale: true}\n" if method.startswith(("dare", "della")) else ""
         body = f"{base}models:\n{rows}{extra}"
+    if stage:
+        body += f"parameters: {{{stage}}}\n"
     out.write_text(f"merge_method: {method}\n{body}dtype: float32\nrandom_seed: 7\n")
     return out
 
@@ -58,14 +83,24 @@ def _merge(recipe: Path, out: Path, monkeypatch, chunk_bytes: int) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("method", sorted(STREAMED))
-def test_chunked_merge_is_bit_identical(method, models, tmp_path, monkeypatch):
-    recipe = _recipe(method, models, tmp_path / "r.yaml")
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_merge_is_bit_identical(case, models, tmp_path, monkeypatch):
+    recipe = _recipe(case, models, tmp_path / "r.yaml")
     whole = _merge(recipe, tmp_path / "whole", monkeypatch, 1 << 30)
-    # 48 columns of float32 = 192 bytes a row: 5 rows a chunk, a ragged last chunk
+    # 48 columns of float32 = 192 bytes a row: 5 rows a chunk (a ragged last chunk of the
+    # 64-row embeddings, and of every 48-row matrix)
     chunked = _merge(recipe, tmp_path / "chunked", monkeypatch, 5 * 192 + 7)
     assert chunked == whole
+    method = _VARIANTS.get(case, (case,))[0]
     assert memory_figures(method, 3).chunk_entries == (5 * 192 + 7) // 4
+
+
+@pytest.mark.parametrize("case", sorted(_VARIANTS))
+@pytest.mark.parametrize("rows", [1, 7])
+def test_two_pass_merges_any_chunk_size(case, rows, models, tmp_path, monkeypatch):
+    recipe = _recipe(case, models, tmp_path / "r.yaml")
+    whole = _merge(recipe, tmp_path / "whole", monkeypatch, 1 << 30)
+    assert _merge(recipe, tmp_path / "chunked", monkeypatch, rows * 192) == whole
 
 
 def test_bad_chunk_size_is_a_config_error(models, tmp_path, monkeypatch, capsys):

@@ -45,11 +45,6 @@ EVOMERGE_REFUSES = {
         "mergekit 0.1.5 drops the unknown `pattern:` key, so its first entry applies the "
         "self_attn gradient to every tensor: not what the recipe says, so evomerge refuses",
     ),
-    "dare_ties_chat_template_tokenizer.yaml": (
-        "chat_template: unknown template 'auto'",
-        "`chat_template: auto` (mergekit: the plurality template of the inputs) is not "
-        "implemented in evomerge yet",
-    ),
 }
 # 16-bit outputs: mergekit computes in the recipe's dtype (its inputs are loaded as bfloat16 or
 # float16 and merged there), evomerge in float32 and rounds once at the end, so the two differ by

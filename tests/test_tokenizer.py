@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import write_tiny_model
 
 from evomerge.errors import ConfigError
 from evomerge.merge.tokenizer import CHAT_TEMPLATES, plan_vocab, resolve_chat_template
@@ -122,3 +125,45 @@ def test_chat_templates(two_vocabs, tmp_path):
         resolve_chat_template("base", dirs, str(a))
     with pytest.raises(ConfigError, match="Did you mean 'chatml'"):
         resolve_chat_template("chatlm", dirs, str(a))
+
+
+def _with_template(folder: Path, template: str) -> Path:
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["chat_template"] = template
+    cfg_file.write_text(json.dumps(cfg))
+    return folder
+
+
+def test_chat_template_auto_takes_the_plurality_as_mergekit_does(tmp_path):
+    """`chat_template: auto` through the CLI: the template two of three inputs carry, the same
+    text mergekit 0.1.5 writes for the same recipe (its tie order is arbitrary, so no tie here)."""
+    from test_mergekit_recipes import require_mergekit, run_mergekit
+    from transformers import AutoTokenizer
+
+    from evomerge.cli import main as cli_main
+
+    loud = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    quiet = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    base = _with_template(write_tiny_model(tmp_path / "base", seed=1), quiet + "\n")
+    x = _with_template(write_tiny_model(tmp_path / "x", seed=2), loud)
+    y = _with_template(write_tiny_model(tmp_path / "y", seed=3), "  " + loud)  # strip-equal
+    recipe = {
+        "merge_method": "linear", "dtype": "float32", "chat_template": "auto",
+        "tokenizer_source": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (base, x, y)],
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    ours = tmp_path / "ours"
+    assert cli_main(["merge", str(tmp_path / "r.yaml"), str(ours), "--no-progress"]) == 0
+    got = AutoTokenizer.from_pretrained(ours).chat_template
+    assert got == loud
+    require_mergekit()
+    theirs = tmp_path / "theirs"
+    assert run_mergekit([(str(tmp_path / "r.yaml"), str(theirs))]) == {}
+    assert AutoTokenizer.from_pretrained(theirs).chat_template == got
+
+
+def test_chat_template_auto_without_templates_keeps_the_tokenizer_files(two_vocabs):
+    a, b = two_vocabs
+    assert resolve_chat_template("auto", {str(a): a, str(b): b}, str(a)) is None

@@ -279,3 +279,56 @@ def torch_equal(a: object, b: object) -> bool:
 def test_mlp_settings_leave_the_dense_digest_alone() -> None:
     changed = replace(TINY, mlp_steps=3, mlp_lr=1e-2)
     assert changed.digest() == TINY.digest() and changed.mlp_digest() != TINY.mlp_digest()
+
+
+# --- depth experts: one half of the layers trained -----------------------------------------
+
+TWO_LAYERS = replace(TINY, layers=2, depth_steps=2, depth_batch=8)
+
+
+@pytest.fixture(scope="module")
+def depth_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("depth") / "zoo"
+    return zoo.build_zoo(out, TWO_LAYERS, progress=False, mlp=False, depth=True)
+
+
+def test_depth_experts_change_only_their_half(depth_zoo: Path) -> None:
+    from safetensors.torch import load_file
+
+    base = load_file(depth_zoo / "base/model.safetensors")
+    halves = {"add": 0, "cap": 0, "rev": 1, "fmt": 1}  # depth_lower = add, cap
+    for t in TASKS:
+        expert = load_file(depth_zoo / zoo.DEPTH_DIR / t / "model.safetensors")
+        assert expert.keys() == base.keys()
+        mine = {k for k in base if k.startswith(f"model.layers.{halves[t]}.")}
+        changed = {k for k in base if not torch_equal(base[k], expert[k])}
+        # every trainable matrix moved; nothing outside the expert's half moved by one bit
+        assert changed <= mine and {k for k in mine if k.endswith("proj.weight")} <= changed, t
+    marker = json.loads((depth_zoo / zoo.MARKER).read_text())
+    assert marker["depth_experts"] == {f"zoo_{t}": f"depth/{t}" for t in TASKS}
+    assert "mlp_experts" not in marker
+    assert zoo.zoo_is_built(depth_zoo, TWO_LAYERS, mlp=False, depth=True)
+    assert not zoo.zoo_is_built(depth_zoo, TWO_LAYERS)  # the MLP experts are missing
+
+
+def test_depth_experts_add_to_a_dense_zoo(depth_zoo: Path, tmp_path: Path) -> None:
+    """Depth experts are added to a zoo without retraining its base and experts."""
+    dense = zoo.build_zoo(tmp_path / "z", TWO_LAYERS, progress=False, mlp=False)
+    assert not (dense / zoo.DEPTH_DIR).exists()
+    before = _tree(dense)
+    zoo.build_zoo(dense, TWO_LAYERS, progress=False, mlp=False, depth=True)
+    after = _tree(dense)
+    assert {k: after[k] for k in before if k != zoo.MARKER} == {
+        k: v for k, v in before.items() if k != zoo.MARKER
+    }
+    assert after == _tree(depth_zoo)
+
+
+def test_depth_settings_leave_the_other_digests_alone() -> None:
+    changed = replace(TINY, depth_steps=3, depth_lower=("rev",))
+    assert changed.digest() == TINY.digest() and changed.mlp_digest() == TINY.mlp_digest()
+    assert changed.depth_digest() != TINY.depth_digest()
+    assert replace(TINY, mlp_lr=1.0).depth_digest() == TINY.depth_digest()
+    assert [TWO_LAYERS.depth_layers(t) for t in ("add", "rev")] == [range(0, 1), range(1, 2)]
+    assert zoo.DEFAULT_SETTINGS.depth_layers("cap") == range(0, 2)
+    assert zoo.DEFAULT_SETTINGS.depth_layers("fmt") == range(2, 4)

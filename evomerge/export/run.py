@@ -133,7 +133,12 @@ def _write_all(
         from evomerge.merge.engine import merge_recipe
 
         merge_recipe(recipe, tmp, device=device, progress=progress)
-        if len(recipe.stages) == 1:  # the search scores single-stage recipes only
+        if stage.slices is not None:  # a layer-stacking candidate (search/stacking.py)
+            from evomerge.export.verify import compare_checkpoint, stacked_candidate
+
+            n = num_layers(outcome, recipe.stages[0])
+            verified = compare_checkpoint(tmp, stacked_candidate(recipe, n, device))
+        elif len(recipe.stages) == 1:  # other searches score single-stage recipes only
             verified = verify_checkpoint(stage, tmp, num_layers(outcome, stage), device)
     else:
         tmp.mkdir(parents=True)

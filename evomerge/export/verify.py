@@ -9,7 +9,7 @@ compares per-tensor sha256 digests: the exported weights are the ones that were 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from evomerge.errors import MergeError
 if TYPE_CHECKING:
     import torch
 
-    from evomerge.recipe import MergeStage
+    from evomerge.recipe import MergeStage, Recipe
 
 CHUNK_BYTES = 1 << 30  # float32 inputs held at once while rebuilding candidates
 
@@ -89,12 +89,47 @@ def verify_checkpoint(
 ) -> int:
     """Raise MergeError naming the first tensor of `ckpt_dir` that differs from the scored
     candidate (cast to the checkpoint's dtype); return the number of tensors checked."""
+    return compare_checkpoint(ckpt_dir, candidate_tensors(stage, num_layers, device))
+
+
+def stacked_candidate(
+    recipe: Recipe, num_layers: int, device: str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The layer-stacking candidate as the search scored it: the weight candidate (stage
+    `merged`) rebuilt as above, the other sources read as they are, stacked by the layer plan
+    the live model follows (merge/stack.py). Holds every source in memory at once."""
+    from evomerge.merge.io import open_checkpoint
+    from evomerge.merge.stack import stack_plan, stacked_tensors
+    from evomerge.search.stacking import MERGED, split_recipe
+
+    weights, stacked = split_recipe(recipe)
+    assert stacked is not None
+    plan = stack_plan(stacked)
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tensors_of(key: str) -> dict[str, torch.Tensor]:
+        if key not in cache and key == MERGED:
+            assert weights is not None
+            pairs = candidate_tensors(weights, num_layers, device)
+            cache[key] = {n: t.clone() for n, t in pairs}
+        elif key not in cache:
+            with open_checkpoint(key) as r:
+                cache[key] = {n: r.get_tensor(n).float() for n in r.keys()}
+        return cache[key]
+
+    names = list(tensors_of(plan[0].key))
+    yield from stacked_tensors(plan, tensors_of, names, tied="lm_head.weight" not in names)
+
+
+def compare_checkpoint(ckpt_dir: Path, pairs: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """MergeError at the first tensor of `ckpt_dir` that differs from `pairs` (the candidate,
+    cast to the checkpoint's dtype); the number of tensors checked."""
     from evomerge.merge.io import CheckpointReader
 
     with CheckpointReader(Path(ckpt_dir)) as written:
         on_disk = set(written.keys())
         seen: set[str] = set()
-        for name, cand in candidate_tensors(stage, num_layers, device):
+        for name, cand in pairs:
             if name not in on_disk:
                 raise MergeError(f"exported checkpoint lacks tensor '{name}' of the candidate")
             disk = written.get_tensor(name)

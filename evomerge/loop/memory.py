@@ -10,6 +10,8 @@ Bytes per device for what the search keeps while it runs:
   as two uint8 planes (2 B);
 - low-rank adapters: the factors of each BASE+ADAPTER input (read while its rows load);
 - merge buffers: the float32 output of the largest tensor and one scratch copy of it;
+- layer stacking: each stacking source's layers in the engine's dtype (not `merged`, nor the
+  loaded model in a stacking-only space, whose own modules serve);
 - the engine: its weights in the engine's dtype and its KV cache (vLLM on CUDA: the fraction
   `gpu_memory_utilization` of the device; vLLM on CPU: `kv_cache_memory_bytes`; HF: none
   reserved, it grows with the batch).
@@ -175,14 +177,21 @@ def device_budget(device: str, gpu_memory: int | None) -> int | None:
 
 def plan_memory(
     methods: list[str], readers: list[Any], infos: list[ModelInfo], *, backend: str,
-    device: str, budget: int | None, engine_kw: dict,
+    device: str, budget: int | None, engine_kw: dict, merges: bool = True, stack_copies: int = 0,
 ) -> MemoryPlan:  # fmt: skip
-    """The whole plan; ConfigError (exit 2, with the numbers) when it cannot fit."""
-    plan = MemoryPlan(backend, device, budget, inputs=merger_share(methods, readers, infos))
+    """The whole plan; ConfigError (exit 2, with the numbers) when it cannot fit. `merges`
+    False: no weights are merged (a stacking-only space); `stack_copies`: the source models a
+    layer-stacking search keeps resident beside the engine (loop/stacking.py)."""
+    inputs = merger_share(methods, readers, infos) if merges else {}
+    plan = MemoryPlan(backend, device, budget, inputs=inputs)
     base = readers[0]
     weights = sum(math.prod(base.shape(n)) for n in base.keys())
     dt = engine_dtype(backend, device, engine_kw, infos[0].dtype)
     plan.engine[f"engine weights ({dt})"] = weights * _ITEM[dt]
+    if stack_copies:
+        plan.engine[f"resident stacking sources ({stack_copies} x {dt})"] = (
+            stack_copies * weights * _ITEM[dt]
+        )
     merger = sum(plan.inputs.values())
     cuda = str(device).startswith("cuda")
     if backend == "vllm" and cuda and budget:

@@ -28,12 +28,22 @@ from evomerge.loop.memory import (
 from evomerge.loop.preflight import check_eval, engine_options, load_space_tasks, summary
 from evomerge.search.space import SearchSpace
 from evomerge.search.spec import default_sampler
+from evomerge.search.stacking import MERGED
 
 
 def input_refs(space: SearchSpace) -> list[str]:
     """The merger's inputs in its order: the base first (when there is one), then the models."""
     spec = space.spec
     return list(dict.fromkeys([*([spec.base_model] if spec.base_model else []), *spec.models]))
+
+
+def stack_copies(space: SearchSpace) -> int:
+    """Source models a layer-stacking search keeps resident (workbench.live_stack)."""
+    spec, stack = space.spec, space.spec.stacking
+    if stack is None:
+        return 0
+    loaded = None if stack.hybrid else (spec.base_model or spec.models[0])
+    return sum(1 for s in stack.sources if s not in (MERGED, loaded))
 
 
 def build_plan(
@@ -48,9 +58,11 @@ def build_plan(
             readers.append(open_checkpoint(ref))
         infos = [describe_model(ref, r) for ref, r in zip(input_refs(space), readers, strict=True)]
         engine_kw = engine_options(space) if backend == "vllm" else {}
+        stack = space.spec.stacking
         plan = plan_memory(
             space.spec.methods, readers, infos, backend=backend, device=device,
             budget=device_budget(device, gpu_memory), engine_kw=engine_kw,
+            merges=stack is None or stack.hybrid, stack_copies=stack_copies(space),
         )  # fmt: skip
     finally:
         for r in readers:

@@ -90,6 +90,11 @@ def check_eval(space: SearchSpace, backend: str | None) -> None:
     name = backend or cfg.get("backend", "hf")
     if name not in BACKENDS:
         raise ConfigError(f"{src}: eval.backend: {did_you_mean(str(name), BACKENDS, 'backend')}")
+    if space.spec.stacking is not None and name == "vllm":
+        raise ConfigError(
+            f"{src}: eval.backend: layer stacking needs backend hf, but got vllm (a vLLM "
+            "engine fixes its layer count at start; a new engine per candidate costs seconds)"
+        )
     # batch_size 'auto' is valid for vllm too: its scheduler batches (issue #18)
     engine_options(space)
     task_options_of(space)
@@ -199,6 +204,9 @@ def summary(codec: Codec, sampler: str) -> str:
         else:
             parts.append(f"{name} in [{dist.low:g}, {dist.high:g}]{' log' if dist.log else ''}")
     methods = "/".join(codec.space.methods)
+    stack = codec.space.stacking
+    if stack is not None:
+        methods = f"{methods} + layer stacking" if stack.hybrid else "layer stacking"
     return f"searching {len(dims)} dimensions of {methods} with {sampler}: " + ", ".join(parts)
 
 

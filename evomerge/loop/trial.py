@@ -16,7 +16,7 @@ from evomerge.recipe import Recipe, dump_recipe
 from evomerge.search import keys
 from evomerge.search.codec import Codec
 from evomerge.search.objective import Objectives
-from evomerge.search.study import over_budget
+from evomerge.search.study import over_budget, reached
 
 # user attrs a repeated candidate takes from its twin (besides its proxy_<task> scores)
 COPIED = (keys.STOPPED_AT, keys.VIOLATION)
@@ -94,7 +94,8 @@ class TrialScorer:
 
     def __call__(self, trial: Any) -> Any:
         self.number, self.recipe = trial.number, None
-        self.check_budget(trial)
+        self.check_budget(trial)  # before any draw: a surplus trial consumes no proposal
+        reached("asked")
         self.recipe = self.codec.suggest(trial)
         trial.set_user_attr(keys.RECIPE, dump_recipe(self.recipe))
         twin = same_params(self.study, trial)

@@ -7,14 +7,20 @@ trial). It wires merge and eval only; the search (Optuna) is run.py's.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.common.device import default_device
 from evomerge.common.model_dir import num_layers
-from evomerge.errors import CandidateError, EvomergeError
+from evomerge.errors import CandidateError, ConfigError, EvomergeError
 from evomerge.recipe import Recipe
 from evomerge.search.baselines import default_params
 from evomerge.search.space import SearchSpace
+from evomerge.search.stacking import probe as stacking_probe
+from evomerge.search.stacking import split_recipe
+
+if TYPE_CHECKING:
+    from evomerge.loop.stacking import LiveStack
+    from evomerge.merge.candidate import CandidateMerger
 
 
 class Workbench(Protocol):
@@ -29,7 +35,8 @@ class Workbench(Protocol):
 
 
 # (context, continuation) pairs whose log-probs fingerprint the live weights (any tokenizer)
-PROBES = [("The answer is", " 42"), ("add 12+30=", "42"), ("a", "b"), ("Once upon", " a time")]
+# (" b", not "b": a BPE tokenizer encodes "ab" as one token, leaving "b" no continuation)
+PROBES = [("The answer is", " 42"), ("add 12+30=", "42"), ("a", " b"), ("Once upon", " a time")]
 
 
 class LiveWorkbench:
@@ -78,17 +85,27 @@ class LiveWorkbench:
         self.backend_name = backend
         # the merger's layout (inputs, tensors) is the same for every candidate: build it from
         # the defaults of the first method (also the self-check's probe candidate)
-        self.probe = space.decode(default_params(space, spec.methods[0]))
-        stage = self.probe.final
-        self.loaded_ref = str(stage.base_model or stage.models[0].model)
-        refs = [m.model for m in stage.models] + ([stage.base_model] if stage.base_model else [])
-        sources = {str(r): open_checkpoint(r) for r in refs}
-        check_compatible(sources, by_pattern=False)  # unmergeable models: ConfigError, exit 2
-        layers = spec.num_layers or num_layers(sources[str(refs[-1])].config) or 1
-        self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
-        pack = getattr(self.backend, "pack_live", None)  # optional: see HFBackend.pack_live
-        if pack is not None:
-            pack(self.merger.tensor_names)
+        probe = default_params(space, spec.methods[0])
+        if spec.stacking is not None:  # a stack that runs every path of loop/stacking.py
+            probe.update(stacking_probe(spec.stacking))
+        self.probe = space.decode(probe)
+        stage, _ = split_recipe(self.probe)  # None: a stacking-only space merges no weights
+        self.loaded_ref = str(spec.base_model or spec.models[0])  # what load_backend loaded
+        if stage is not None:  # the same model, spelled as the merger keys it
+            self.loaded_ref = str(stage.base_model or stage.models[0].model)
+        self.merger: CandidateMerger | None = None
+        if stage is not None:
+            refs = [m.model for m in stage.models] + (
+                [stage.base_model] if stage.base_model else []
+            )
+            sources = {str(r): open_checkpoint(r) for r in refs}
+            check_compatible(sources, by_pattern=False)  # unmergeable models: exit 2
+            layers = spec.num_layers or num_layers(sources[str(refs[-1])].config) or 1
+            self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
+            pack = getattr(self.backend, "pack_live", None)  # optional: HFBackend.pack_live
+            if pack is not None:
+                pack(self.merger.tensor_names)
+        self.stack = live_stack(space, self.backend, self.loaded_ref, self.merger is None)
         self.evaluator = Evaluator(self.backend, self.tasks, chunks=tuple(chunks), seed=seed)
         self._merged = False
         self._route_settled = False  # vLLM: the update route is settled by the first push
@@ -134,17 +151,24 @@ class LiveWorkbench:
             raise
 
     def _push(self, recipe: Recipe) -> None:
-        """Write the candidate into the live model (in place) or push it to the engine."""
+        """Write the candidate into the live model (in place) or push it to the engine; a
+        stacking stage then rebuilds the live layer list (loop/stacking.py)."""
         self._merged = True
+        weights, stacked = split_recipe(recipe)
         live = self.backend.live_tensors()
-        if live is not None:
-            self.merger.apply(recipe.final, live)
-            return
-        if not self._route_settled and hasattr(self.backend, "probe_update_mode"):
-            # a streamed candidate cannot be sent twice: settle the engine's update route
-            # (in-place load_weights, else reload) with the loaded model's own tensors first
-            self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
-        self.backend.load_weights(self.merger.merged(recipe.final))
+        if weights is not None and self.merger is not None and live is not None:
+            self.merger.apply(weights, live)
+        elif weights is not None and self.merger is not None:
+            if not self._route_settled and hasattr(self.backend, "probe_update_mode"):
+                # a streamed candidate cannot be sent twice: settle the engine's update route
+                # (in-place load_weights, else reload) with the loaded model's own tensors
+                self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
+            self.backend.load_weights(self.merger.merged(weights))
+        self._stack(stacked, owned=False)
+
+    def _stack(self, stage: Any, owned: bool) -> None:
+        if self.stack is not None:
+            self.stack.apply(stage, owned) if stage is not None else self.stack.reset()
 
     def _write_owned(self, pairs: list[tuple[str, Any]]) -> None:
         """Owned (name, tensor) pairs into the live model: copied in place (HF) or pushed
@@ -167,11 +191,16 @@ class LiveWorkbench:
     def _push_plain(self, recipe: Recipe) -> None:
         """The plain path the fast one must agree with: every merged tensor copied out of the
         merger's buffers first, then written (HF) or pushed as owned tensors (vLLM)."""
-        self._write_owned([(n, t.clone()) for n, t in self.merger.merged(recipe.final)])
+        weights, stacked = split_recipe(recipe)
+        if weights is not None and self.merger is not None:
+            self._write_owned([(n, t.clone()) for n, t in self.merger.merged(weights)])
+        self._stack(stacked, owned=True)
 
     def restore_base(self) -> None:
         """Put the model the backend loaded back in place, undoing any candidate."""
-        self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
+        self._stack(None, owned=False)
+        if self.merger is not None:
+            self._write_owned(list(self.merger.source_tensors(self.loaded_ref)))
         self._merged = False
 
     def self_check(self) -> None:
@@ -209,12 +238,34 @@ class LiveWorkbench:
 
     def _first_changed_tensor(self) -> str:
         live = self.backend.live_tensors()
-        if live is None:
-            return "the engine's weights cannot be read back to name a tensor"
+        if live is None or self.merger is None:
+            return "the live weights cannot be compared tensor by tensor here"
         for name, t in self.merger.source_tensors(self.loaded_ref):
             if not bool((live[name] == t.to(live[name].dtype)).all()):
                 return f"first tensor that differs from the loaded model: '{name}'"
         return "every live tensor equals the loaded model's (state outside the weights)"
+
+
+def live_stack(space: SearchSpace, backend: Any, loaded: str, unchanged: bool) -> LiveStack | None:
+    """The live stacked model of a stacking space (None without one); its sources resident.
+    `unchanged`: no weights are merged, so the loaded model's own layers serve as its source."""
+    from evomerge.loop.stacking import LiveStack
+    from evomerge.merge.io import open_checkpoint
+    from evomerge.search.stacking import MERGED
+
+    stack = space.spec.stacking
+    if stack is None:
+        return None
+    model = getattr(backend, "model", None)
+    if model is None:
+        raise ConfigError("layer stacking needs the hf backend (a live transformers model)")
+    backend.live_tensors()  # the loaded model's tensor names, taken before any layer swap
+    readers = {s: open_checkpoint(s) for s in stack.sources if s != MERGED}
+    try:
+        return LiveStack(model, readers, loaded if unchanged else None)
+    finally:
+        for r in readers.values():
+            r.close()
 
 
 def _first_difference(a: dict, b: dict) -> str:

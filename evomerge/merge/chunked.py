@@ -4,9 +4,12 @@ Elementwise methods (linear, nearswap, passthrough) merge each chunk on its own.
 generalized task arithmetic family needs whole-tensor numbers first -- magnitude thresholds
 (TIES, breadcrumbs), |x| bounds and L1 norms (rescale of DARE / DELLA) -- so it streams
 over the chunks in earlier passes to get them, then applies the kernel chunk by chunk with
-each chunk's flat offset. Every number is an integer count, an exact maximum or an exact
-integer-unit sum, and the kernel is entry by entry, so the result is bit-identical to the
-whole-tensor merge (tests/test_chunked.py compares bytes for every streamed method).
+each chunk's flat offset. slerp, nuslerp, multislerp, karcher, model_stock and sce take
+their dot products (and sce its variance cut) in a first streaming pass the same way
+(twopass.py, sce.py). Every number is an integer count, an exact maximum, an exact
+integer-unit sum or an order-free float64 dot product (gram.py), and the kernel is entry by
+entry, so the result is bit-identical to the whole-tensor merge (tests/test_chunked.py
+compares bytes for every streamed method).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from evomerge.merge import sparsify as sp
 from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
+from evomerge.merge.memory import TWO_PASS
 
 if TYPE_CHECKING:
     from evomerge.merge.contract import MergeInputs
@@ -65,6 +69,9 @@ def merge_chunked(
             yield r0, build_inputs(stage, name, models, base, t)
 
     method = get_method(stage.merge_method)
+    if method.name in TWO_PASS:
+        _two_pass(method.name, chunks, write)
+        return
     if not method.elementwise and method.function.endswith(":gta_method"):
         opts = dict(method.options)
         gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena)
@@ -73,6 +80,18 @@ def merge_chunked(
         models, base = read(r0, min(r0 + step, shape[0]))
         out = arena.get("out", tuple(models.shape[1:]), torch.float32)
         write(r0, merge_tensor(stage, name, models, base, t, out=out))
+
+
+def _two_pass(method: str, chunks: Chunks, write: Write) -> None:
+    """Methods with whole-tensor dot products (twopass.py) and sce (sce.py)."""
+    if method == "sce":
+        from evomerge.merge.sce import sce_run
+
+        sce_run(chunks, write)
+        return
+    from evomerge.merge.twopass import run
+
+    run(method, chunks, write)
 
 
 def gta_chunked(
@@ -106,7 +125,7 @@ def _mags(inp: MergeInputs, idx: list[int], bi: int) -> tuple[torch.Tensor, ...]
     """|models[row] - base| of each merged row, flat float32 (as gta's _Row.mag)."""
     x = inp.models.reshape(inp.models.shape[0], -1)
     base = x[bi].to(torch.float32)
-    return tuple((x[i].to(torch.float32) - base).abs_() for i in idx)
+    return tuple(x[i].to(torch.float32, copy=True).sub_(base).abs_() for i in idx)
 
 
 def _keep_all_rows(kind, su: Setup, idx, n, cols, chunks: Chunks, name) -> tuple[list, list]:

@@ -4,9 +4,10 @@
 A disk merge reads each large tensor in ROW CHUNKS of at most `chunk_bytes()` of float32 per
 input (64 MiB unless EVOMERGE_CHUNK_BYTES says otherwise), so its working set is a few chunks,
 not a few whole tensors. Methods whose statistic spans the whole tensor (TIES / breadcrumbs
-magnitude thresholds, DARE / DELLA rescale norms) compute it in earlier streaming passes
-over the same chunks (merge/chunked.py); methods without a streaming form (slerp,
-model_stock without filter_wise, nuslerp, multislerp, karcher, sce) still hold whole tensors.
+magnitude thresholds, DARE / DELLA rescale norms, the dot products of slerp, nuslerp,
+multislerp, karcher and model_stock, sce's variance cut and norms) compute it in earlier
+streaming passes over the same chunks (merge/chunked.py, twopass.py, sce.py). Every method
+of the table streams.
 Pure Python, no torch.
 """
 
@@ -24,9 +25,13 @@ ENV_CHUNK_BYTES = "EVOMERGE_CHUNK_BYTES"
 # GTA's |delta| (4) for magnitude cuts, 16-bit draws (2) for DARE, draws + ranks + the
 # int64 sort keys of a rank block (2 + 4) for DELLA
 _EXTRA_PER_ROW = {None: 0.0, "magnitude": 4.0, "breadcrumbs": 4.0, "random": 2.0, "della": 6.0}
+# two-pass methods (twopass.py, sce.py): float32 task vectors or products per model row
+# (4), plus sce's variance, mask and flat index (4 + 4 + 8 per entry, not per row)
+_TWO_PASS_EXTRA = {"sce": (4.0, 16.0)}
+TWO_PASS = frozenset({"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce"})
 STREAMED = frozenset(  # methods whose disk merge streams every tensor of 2+ dims in row chunks
     {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-     "della", "della_linear", "linear", "nearswap", "passthrough"}
+     "della", "della_linear", "linear", "nearswap", "passthrough", *TWO_PASS}
 )  # fmt: skip
 
 
@@ -81,6 +86,9 @@ def memory_figures(method: str, n_inputs: int, input_bytes: float = 4.0) -> Memo
     kind = dict(m.options).get("kind") if m.options else None
     rows = max(1, n_inputs - (1 if m.needs_base else 0))
     extra = _EXTRA_PER_ROW.get(kind, 0.0) * rows
+    if m.name in TWO_PASS:
+        per_row, per_entry = _TWO_PASS_EXTRA.get(m.name, (4.0, 0.0))
+        extra = per_row * rows + per_entry
     if m.name not in STREAMED:  # whole tensors in float32, plus a few temporaries of each
         return MemoryFigures(m.name, None, n_inputs * 4.0 + 4.0 + 3 * 4.0 * rows)
     held = input_bytes if m.fused else 4.0

@@ -102,15 +102,34 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
     seen, a = dict.fromkeys(todo, 0), 0
     for cs in chunks():  # pass 3: the flat index of that entry
         for i in [i for i in todo if seen[i] >= 0]:
-            hits = torch.nonzero(_bits(cs[where[i][0]]) == value[i]).view(-1)
-            if seen[i] + hits.numel() > rank[i]:
-                out[i], seen[i] = (_float_of(value[i]), a + int(hits[rank[i] - seen[i]])), -1
+            eq = _bits(cs[where[i][0]]) == value[i]
+            hits = int(torch.count_nonzero(eq))  # indices only in the chunk that holds it
+            if seen[i] + hits > rank[i]:
+                out[i], seen[i] = (_float_of(value[i]), a + _nth_true(eq, rank[i] - seen[i])), -1
             else:
-                seen[i] += hits.numel()
+                seen[i] += hits
         a += cs[0].numel()
         if all(v < 0 for v in seen.values()):
             break
     return out
+
+
+def _nth_true(eq: torch.Tensor, k: int) -> int:
+    """Flat index of the k-th (0-based) True of a 1-D bool tensor: per-block counts find
+    its block, so the index list is built for one block only (a bucket of exact zeros may
+    hold every entry of the chunk)."""
+    import torch
+
+    block = 1 << 16
+    full = eq.numel() // block * block
+    counts = torch.count_nonzero(eq[:full].view(-1, block), dim=1)
+    if full < eq.numel():
+        counts = torch.cat([counts, torch.count_nonzero(eq[full:]).view(1)])
+    cum = counts.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype), right=True))
+    before = int(cum[b - 1]) if b else 0
+    hits = torch.nonzero(eq[b * block : (b + 1) * block]).view(-1)
+    return b * block + int(hits[k - before])
 
 
 def _low_hist(bits: torch.Tensor, b: int, dense: bool) -> torch.Tensor:

@@ -1,130 +1,142 @@
-"""Interpolation on the hypersphere: slerp, nuslerp, multislerp, Karcher mean (float32 math).
+"""Interpolation on the hypersphere: slerp, nuslerp, multislerp, Karcher mean.
 
 Each follows the mergekit 0.1.5 function of the same name, including its fallbacks for
-(anti)parallel and zero vectors.
+(anti)parallel and zero vectors, rewritten on the Gram matrix of its vectors (gram.py):
+every direction the algorithms build (normalized inputs, mean directions, tangents) is a
+linear combination of the inputs, so the result is sum_i c_i v_i with coefficients computed
+in float64 from dot products alone. That is what lets a merge take the dot products in one
+streaming pass over row chunks and apply the coefficients (float32, entry by entry) in a
+second. The functions here take `g`, a float64 Gram matrix (k, k[, *S]).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: vectors (anti)parallel, slerp falls back to lerp
 
 
-def slerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = DOT_THRESHOLD,
-    eps: float = 1e-8,
-) -> torch.Tensor:  # fmt: skip
-    """Spherical interpolation of the flattened tensors (t = 0 gives v0); norms are kept
-    (the coefficients apply to the raw tensors, not unit vectors)."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    tt = torch.tensor(t, dtype=torch.float32, device=v0.device)
-    if a.numel() == 0:
-        return ((1 - tt) * v0 + tt * v1).clone()
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)  # a zero vector stays unscaled
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return (1 - tt) * v0 + tt * v1
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    coef_a = torch.sin((1 - tt) * theta) / sin_theta
-    coef_b = torch.sin(tt * theta) / sin_theta
-    return coef_a * v0 + coef_b * v1
+def slerp_coeffs(t: float, g: torch.Tensor, threshold: float = DOT_THRESHOLD, eps: float = 1e-8):
+    """(c0, c1), float32 scalars: slerp(t, v0, v1) = c0 * v0 + c1 * v1 (t = 0 gives v0);
+    the norms are kept (the coefficients apply to the raw tensors, not unit vectors)."""
+    tt = torch.tensor(t, dtype=torch.float32)
+    na, nb = math.sqrt(float(g[0, 0])), math.sqrt(float(g[1, 1]))
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)  # a zero vector stays unscaled
+    dot = min(1.0, max(-1.0, float(g[0, 1]) / (na * nb)))
+    if abs(dot) > threshold:
+        return 1 - tt, tt
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return _f32(math.sin((1 - t) * theta) / s), _f32(math.sin(t * theta) / s)
 
 
-def nuslerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, eps: float = 1e-8,
-    flatten: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    """Slerp along `dim` (row- or column-wise) or of the flattened tensors; lerp where colinear."""
-    out_shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif dim != -1:
-        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+def nuslerp_cos(g: torch.Tensor) -> torch.Tensor:
+    """The cosines of nuslerp's vector pairs (norms floored at 1e-7), float32  # (*S)"""
+    floor = torch.tensor(1e-7, dtype=torch.float64, device=g.device)
+    n0, n1 = torch.maximum(g[0, 0].sqrt(), floor), torch.maximum(g[1, 1].sqrt(), floor)
+    return (g[0, 1] / (n0 * n1)).clamp(-1, 1).to(torch.float32)
 
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
-    cos_theta = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos_theta.square()) <= eps**2
-    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+def nuslerp_apply(t: float, cos: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
+                  eps: float = 1e-8) -> torch.Tensor:  # fmt: skip
+    """Slerp of v0 and v1 given their cosine (broadcast over the vectors); lerp where colinear."""
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
     sin_theta = torch.sin(theta)
     res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-    res = torch.where(colinear, (1 - t) * v0 + t * v1, res)
-    if dim != -1 and not flatten:
-        res = res.transpose(dim, -1)
-    return res.reshape(out_shape)
+    return torch.where(colinear, (1 - t) * v0 + t * v1, res)
 
 
-def multislerp(
-    vectors: torch.Tensor, weights: torch.Tensor, normalize_weights: bool = True,
-    eps: float = 1e-8,
-) -> torch.Tensor:  # fmt: skip
-    """Barycentric interpolation on the sphere  # (m, *shape), (m,) -> (*shape)
+def multislerp_coeffs(g: torch.Tensor, weights: list[float], normalize_weights: bool = True,
+                      eps: float = 1e-8) -> list[float]:  # fmt: skip
+    """Barycentric interpolation on the sphere as coefficients of the m vectors.
 
     Project onto the tangent space at the weighted mean direction, average there, map back
     with the exponential map and scale to the weighted mean norm.
     """
-    flat = vectors.reshape(vectors.shape[0], -1)  # (m, numel)
-    if normalize_weights:
-        weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)  # (m, 1)
-    units = flat / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+    m, gl = len(weights), g.tolist()
+    w = [x / sum(weights) for x in weights] if normalize_weights else list(weights)
+    norms = [math.sqrt(gl[i][i]) for i in range(m)]
+    unit = [w[i] / (norms[i] + eps) for i in range(m)]  # the weighted units' coefficients
+    mean_norm = _norm(gl, unit)
     if mean_norm < eps:
-        if vectors.shape[0] == 2:  # antipodal pair: fall back to a weighted sum
-            return (vectors[0] * weights[0] + vectors[1] * weights[1]).view(vectors.shape[1:])
+        if m == 2:  # antipodal pair: fall back to a weighted sum
+            return w
         raise ValueError(
             "multislerp: the weighted mean direction is zero (antipodal inputs with balancing "
             "weights); use different weights"
         )
-    mean = mean / mean_norm
-    dots = (units * mean).sum(-1, keepdim=True)
-    tangent = ((units - dots * mean) * weights.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
-    res = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    return (res * (norms.squeeze(-1) * weights).sum()).view(vectors.shape[1:])
+    mean = [c / mean_norm for c in unit]
+    dots = [_dot(gl, _basis(m, i), mean) / (norms[i] + eps) for i in range(m)]
+    shift = sum(w[i] * dots[i] for i in range(m))
+    tangent = [unit[i] - shift * mean[i] for i in range(m)]
+    tn = _norm(gl, tangent) + eps
+    scale = sum(n * x for n, x in zip(norms, w, strict=True))
+    return [scale * (mean[i] * math.cos(tn) + tangent[i] * math.sin(tn) / tn) for i in range(m)]
 
 
-def karcher_mean(
-    tensors: list[torch.Tensor], alphas: list[float], max_iter: int = 10, tol: float = 1e-5
-) -> torch.Tensor:
-    """Weighted Karcher mean of the directions, scaled by the weighted mean norm."""
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
-    units = [
-        torch.zeros_like(x) if n.item() == 0.0 else x / n
-        for x, n in zip(tensors, norms, strict=True)
-    ]
-    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+def karcher_coeffs(g: torch.Tensor, alphas: list[float], max_iter: int = 10,
+                   tol: float = 1e-5) -> list[float]:  # fmt: skip
+    """Weighted Karcher mean of the directions, scaled by the weighted mean norm, as
+    coefficients of the inputs; iterated in the span of the unit inputs."""
+    n, gl = len(alphas), g.tolist()
+    norms = [math.sqrt(gl[i][i]) for i in range(n)]
+    valid = [i for i in range(n) if norms[i] > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return [0.0] * n
+    u = [[gl[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]  # unit Gram
     total = sum(alphas[i] for i in valid)
     w = [alphas[i] / total for i in valid]
-    us = [units[i] for i in valid]
-    mean = torch.zeros_like(us[0])
-    for a, u in zip(w, us, strict=True):
-        mean += a * u
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = us[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    k = len(valid)
+    mean = list(w)
+    mean_norm = _norm(u, mean)
+    mean = _basis(k, 0) if mean_norm < tol else [c / mean_norm for c in mean]
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(w, us, strict=True):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() < tol:
+        tangent = [0.0] * k
+        for a, i in zip(w, range(k), strict=True):
+            dot = min(1.0, max(-1.0, _dot(u, _basis(k, i), mean)))
+            theta = math.acos(dot)
+            if theta < tol:
                 continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if tangent_norm.item() < tol:
+            f = a * theta / math.sin(theta)
+            tangent = [tangent[j] + f * (_basis(k, i)[j] - dot * mean[j]) for j in range(k)]
+        tangent_norm = _norm(u, tangent)
+        if tangent_norm < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if unit_norm.item() > tol:
-            mean = mean / unit_norm
-    scale = sum(a * n for a, n in zip(alphas, norms, strict=True))
-    return scale * mean
+        c, s = math.cos(tangent_norm), math.sin(tangent_norm)
+        mean = [c * mean[j] + s * tangent[j] / tangent_norm for j in range(k)]
+        unit_norm = _norm(u, mean)
+        if unit_norm > tol:
+            mean = [x / unit_norm for x in mean]
+    scale = sum(a * x for a, x in zip(alphas, norms, strict=True))
+    out = [0.0] * n
+    for j, i in enumerate(valid):
+        out[i] = scale * mean[j] / norms[i]
+    return out
+
+
+def combine(coeffs: list[float], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i c_i v_i in float32, added in order (entry by entry, so chunks give the same bits)."""
+    out = vectors[0] * _f32(coeffs[0])
+    for c, v in zip(coeffs[1:], vectors[1:], strict=True):
+        out += v * _f32(c)
+    return out
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _basis(k: int, i: int) -> list[float]:
+    return [1.0 if j == i else 0.0 for j in range(k)]
+
+
+def _dot(g: list[list[float]], a: list[float], b: list[float]) -> float:
+    """a^T G b for coefficient vectors a, b."""
+    return math.fsum(a[i] * g[i][j] * b[j] for i in range(len(a)) for j in range(len(b)))
+
+
+def _norm(g: list[list[float]], c: list[float]) -> float:
+    return math.sqrt(max(0.0, _dot(g, c, c)))

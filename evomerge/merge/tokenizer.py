@@ -229,10 +229,13 @@ def _perm(out_vocab: dict[str, int], vocab: dict[str, int], size: int, rows: int
     return perm
 
 
-def resolve_chat_template(spec: str, dirs: Mapping[str, Path], base_key: str) -> str:
-    """`chat_template:` -> jinja text: a known name, "base", a model of the merge, or jinja."""
+def resolve_chat_template(spec: str, dirs: Mapping[str, Path], base_key: str) -> str | None:
+    """`chat_template:` -> jinja text: a known name, "base", a model of the merge, jinja, or
+    "auto" (None when no input has a template: the tokenizer source's files stay as they are)."""
     if "{{" in spec or "{%" in spec:
         return spec
+    if spec == "auto":
+        return plurality_chat_template(dirs)
     if spec in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[spec]
     keys = list(dirs)
@@ -243,16 +246,35 @@ def resolve_chat_template(spec: str, dirs: Mapping[str, Path], base_key: str) ->
             raise ConfigError(f"chat_template: model '{key}' has no chat template")
         return text
     raise ConfigError(
-        "chat_template: " + did_you_mean(spec, [*CHAT_TEMPLATES, "base", *keys], "template")
+        "chat_template: " + did_you_mean(spec, [*CHAT_TEMPLATES, "auto", "base", *keys], "template")
     )
 
 
+def plurality_chat_template(dirs: Mapping[str, Path]) -> str | None:
+    """mergekit's `chat_template: auto`: the template most inputs carry (compared stripped, as
+    mergekit does). mergekit counts over a set of models, so its tie order is arbitrary; here a
+    tie goes to the model listed first (base, models, slices)."""
+    from collections import Counter
+
+    found = [t.strip() for t in (model_chat_template(d) for d in dirs.values()) if t]
+    if not found:
+        return None
+    counts = Counter(found)  # most_common keeps first-seen order among equal counts
+    return counts.most_common(1)[0][0]
+
+
 def model_chat_template(folder: Path) -> str | None:
+    """A model's chat template as transformers reads it: chat_template.jinja first, else
+    tokenizer_config.json's `chat_template` (a string, or a list of named templates whose
+    "default" entry counts, as mergekit takes it)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text()
     cfg_file = folder / "tokenizer_config.json"
     if cfg_file.is_file():
         tpl = json.loads(cfg_file.read_text()).get("chat_template")
+        if isinstance(tpl, list):
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default")
         return tpl if isinstance(tpl, str) else None
     return None
 
@@ -269,8 +291,8 @@ def tokenizer_files(
     if plan and "tokenizer.json" in files and "added_tokens_decoder" in tok_cfg:
         tok_cfg["added_tokens_decoder"] = _added_tokens_decoder(files["tokenizer.json"])
         changed = True
-    if stage.chat_template:
-        text = resolve_chat_template(stage.chat_template, dirs, base_key)
+    text = stage.chat_template and resolve_chat_template(stage.chat_template, dirs, base_key)
+    if text:
         tok_cfg["chat_template"] = text
         files["chat_template.jinja"] = text  # transformers 5 reads this file before the config
         changed = True

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import struct
 import sys
 import threading
@@ -24,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from evomerge.common.killpoint import kill_point
 from evomerge.errors import ConfigError, MergeError
 from evomerge.merge.io import INDEX, MARKER, TOKENIZER_FILES, _st_code
 
@@ -44,9 +44,7 @@ NO_EXCHANGE_ENV = "EVOMERGE_WRITER_NO_EXCHANGE"  # test hook: take the two-renam
 
 
 def _reached(step: str) -> None:
-    at = os.environ.get(KILL_AT_ENV, "")
-    if at.isdigit() and 0 < int(at) <= len(STEPS) and STEPS[int(at) - 1] == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    kill_point(KILL_AT_ENV, STEPS, step)
 
 
 def _write(path: Path, data: str | bytes) -> None:

@@ -95,6 +95,9 @@ def baseline_trials(
             method, want = _from_recipe(space, name)
             out.append((f"recipe:{name}", codec.encode(method, want)))
             continue
+        stack_only = space.spec.stacking is not None and not space.spec.stacking.hybrid
+        if stack_only and name in ("uniform", "defaults"):
+            continue  # no weights to be uniform or default: only each source's own stack
         for method in space.spec.methods:
             specs = space.spec.params[method]
             if name == "uniform":
@@ -104,4 +107,8 @@ def baseline_trials(
             elif any(s.name == "weight" and s.searched and s.per_model for s in specs):
                 for k, label in enumerate(space.spec.labels):
                     out.append((f"expert:{label}:{method}", codec.encode(method, _expert(k))))
+            elif space.spec.stacking is not None:  # stacking-only: each source's own stack
+                for k, model in enumerate(space.spec.models):
+                    want = codec.encode(method, _defaults, stack_source=model)
+                    out.append((f"expert:{space.spec.labels[k]}", want))
     return out

@@ -12,11 +12,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evomerge.search import catalog, simplex
+from evomerge.search import catalog, simplex, stacking
 from evomerge.search.cells import Cell, cells, param_name, simplex_cells
 from evomerge.search.decode import decode
 from evomerge.search.params import ParamSpec
 from evomerge.search.spec import SpaceSpec, check_sampler
+from evomerge.search.study import reached
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -49,6 +50,8 @@ class Codec:
         for param in self.space.params[method]:
             if param.searched:
                 out.update(self._param_distributions(param))
+        if self.space.stacking is not None:
+            out.update(stacking.distributions(self.space.stacking))
         return out
 
     def _param_distributions(self, param: ParamSpec) -> dict[str, BaseDistribution]:
@@ -77,6 +80,7 @@ class Codec:
         for name, dist in self.distributions(method).items():
             if name != "method":
                 suggest_value(trial, name, dist)
+                reached("param-stored")
         return self.decode(trial.params)
 
     def decode(self, params: Mapping[str, Any]) -> Recipe:
@@ -93,10 +97,13 @@ class Codec:
         ]
 
     # ---- encoding (baselines, warm starts) -----------------------------------------------
-    def encode(self, method: str, want: Want) -> dict[str, Any]:
+    def encode(self, method: str, want: Want, stack_source: str | None = None) -> dict[str, Any]:
         """Logical values -> trial params. `want(spec, cell)` gives the value wanted in a cell;
-        values are clipped to the search bounds, simplex weights normalized."""
+        values are clipped to the search bounds, simplex weights normalized. A stacking genome
+        is the identity stack of `stack_source` (None: the weight candidate, if searched)."""
         params: dict[str, Any] = {"method": method} if self.space.categorical else {}
+        if self.space.stacking is not None:
+            params.update(stacking.identity(self.space.stacking, stack_source))
         specs = {s.name: s for s in self.space.params[method]}
         for param in (s for s in specs.values() if s.searched):
             if param.simplex:

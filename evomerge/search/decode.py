@@ -23,6 +23,7 @@ from evomerge.search import simplex
 from evomerge.search.cells import Cell, cells, param_name, simplex_cells
 from evomerge.search.params import ParamSpec
 from evomerge.search.spec import SpaceSpec
+from evomerge.search.stacking import stack_recipe
 
 
 def trial_method(space: SpaceSpec, params: Mapping[str, Any]) -> str:
@@ -127,6 +128,9 @@ def decode(space: SpaceSpec, params: Mapping[str, Any]) -> Recipe:
         dtype=space.dtype,
         random_seed=space.random_seed,
     )
+    if space.stacking is not None:
+        weights = stage if space.stacking.hybrid else None
+        return stack_recipe(space.stacking, weights, params, space.dtype)
     return Recipe(stages=[stage])
 
 

@@ -22,6 +22,8 @@ from evomerge.search.catalog import (
     SAMPLERS,
 )
 from evomerge.search.codec import Codec
+from evomerge.search.qmc import resumable_qmc_cls
+from evomerge.search.study import reached
 
 if TYPE_CHECKING:
     import optuna
@@ -102,7 +104,10 @@ def make_sampler(
         return dirichlet(groups, seed=seed, **(options or {}))
     if name not in SAMPLER_CLASSES:
         raise ConfigError(f"unknown sampler '{name}'")
-    cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
+    if name == "qmc":  # its sequence index stored per trial: kills skip no point (qmc.py)
+        cls = resumable_qmc_cls()
+    else:
+        cls = getattr(optuna.samplers, SAMPLER_CLASSES[name])
     kwargs = {"seed": seed, **sampler_defaults(name), **(options or {})}
     check_options(name, cls, options, {"seed"})
     return _no_repeats_cls()(_construct(name, cls, kwargs, options))
@@ -130,6 +135,8 @@ def _no_repeats_cls() -> type:
 
         def sample_relative(self, study: Any, trial: Any, search_space: dict) -> dict:
             params = self.inner.sample_relative(study, trial, search_space)
+            if search_space:
+                reached("drawn")  # drawn (qmc: its index stored), no parameter stored yet
             finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if params and any(all(t.params.get(k) == v for k, v in params.items())
                               for t in finished):  # fmt: skip

@@ -17,6 +17,7 @@ from evomerge.merge.table import get_method
 from evomerge.search.catalog import DEFAULT_PRUNER, PRUNERS, SAMPLERS
 from evomerge.search.constraints import check_box
 from evomerge.search.params import ParamSpec, method_params
+from evomerge.search.stacking import CMAES_REFUSAL, StackSpec, parse_stacking
 
 TOP_KEYS = (
     "name",
@@ -35,6 +36,7 @@ TOP_KEYS = (
     "num_layers",
     "dtype",
     "random_seed",
+    "stacking",  # a layer-stacking genome (search/stacking.py)
 )
 EVAL_KEYS = (
     "chunks",
@@ -90,6 +92,7 @@ class SpaceSpec:
     num_layers: int | None = None
     dtype: str | None = None
     random_seed: int | None = None
+    stacking: StackSpec | None = None
 
     @property
     def categorical(self) -> bool:
@@ -212,10 +215,14 @@ def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
             if pname not in known and pname not in ("layer_groups", "filters"):
                 raise ConfigError(f"{source}: {section}: {did_you_mean(pname, known, 'parameter')}")
     data = {**data, "parameters": dict(data.get("parameters") or {})}
+    # a stacking space without `method:` searches no weights (stacking-only)
+    weights = "stacking" not in data or "method" in data
     params = {
         m.name: method_params(
             {**data, "parameters": dict(data["parameters"])}, m, len(models), source
         )
+        if weights
+        else []
         for m in methods
     }
     tasks = [t if isinstance(t, str) else t.get("task") for t in data.get("tasks") or []]
@@ -243,8 +250,13 @@ def parse_space(data: Any, source: str = "<space>") -> SpaceSpec:
         dtype=data.get("dtype"),
         random_seed=data.get("random_seed"),
     )
+    if "stacking" in data:
+        spec.stacking = parse_stacking(
+            data["stacking"], models, spec.labels, base, weights, spec.num_layers, source
+        )
     _check_rest(spec, data)
-    check_box(source, models, base, params)  # every point of the box must be mergeable
+    if weights:
+        check_box(source, models, base, params)  # every point of the box must be mergeable
     return spec
 
 
@@ -320,7 +332,7 @@ def default_sampler(spec: SpaceSpec) -> str:
     README's search benchmark), except for a choice between methods: each method's parameters
     exist only in its own trials, and GP models only the parameters every trial shares
     (the rest are drawn at random), so such a space gets TPE."""
-    return "tpe" if spec.categorical else "gp"
+    return "tpe" if spec.categorical or spec.stacking is not None else "gp"
 
 
 # search:/eval: values read as numbers: (section, key) -> (integer?, low, low allowed?, high)
@@ -368,6 +380,8 @@ def check_sampler(spec: SpaceSpec, sampler: str) -> None:
         raise ConfigError(did_you_mean(sampler, SAMPLERS, "sampler"))
     if sampler != "cmaes":
         return
+    if spec.stacking is not None:
+        raise ConfigError(f"{spec.source}: {CMAES_REFUSAL}")
     if spec.categorical:
         raise ConfigError(
             f"{spec.source}: sampler cmaes cannot search a categorical method "

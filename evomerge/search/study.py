@@ -1,11 +1,29 @@
 """Optuna plumbing: storage (crash recovery, several workers), trial states, the budget.
 
-Budget rule (exact across workers and resumes): a trial counts toward --n-trials when it is
-COMPLETE, PRUNED, or FAIL because the candidate itself failed (NaN, OOM, CandidateError: its
-evaluation was spent, and a space full of failing candidates must still end). Trials abandoned
-by Ctrl-C or by a dead worker (heartbeat stale) do not count; a dead worker's trial is re-queued
-with the same parameters (RetryHeartbeatStaleTrialCallback, RDB storages), so re-running the same
-command finishes the budget with no completed trial lost or run twice.
+Budget rule: a trial counts toward --n-trials when it is COMPLETE, PRUNED, or FAIL because the
+candidate itself failed (NaN, OOM, CandidateError: its evaluation was spent, and a space full of
+failing candidates must still end). Trials abandoned by Ctrl-C or by a dead worker (heartbeat
+stale) do not count; a dead worker's trial is re-queued with the parameters it stored
+(RetryHeartbeatStaleTrialCallback, RDB storages).
+
+"Exact budget" means: however often the workers are killed (SIGKILL at any instruction) and the
+same command re-run, when the study ends exactly --n-trials trials count, each counted
+trial's candidate was evaluated once (a repeat is answered from its twin, never re-scored), and
+every proposal a dead worker stored, whole or in part, is evaluated once by its retry (a trial
+whose worker died three times is given up: a candidate that kills its worker every time must not
+stall the study; that trial, like a Ctrl-C'd one, does not count). Where a
+kill lands between a sampler's draw and the trial storing it:
+- qmc (search/qmc.py): the draw's index in the sequence is the first thing a trial stores, and
+  its retry draws that index again, so the evaluated candidates are exactly the first
+  --n-trials points of an uninterrupted run with the same seed (order aside: a retry runs once
+  the dead trial goes stale);
+- the samplers with an in-process random state (tpe, gp, cmaes, nsga2, random, dirichlet): the
+  state is lost with the process and reseeded on resume (a seeded replay would propose the
+  start-up draws already evaluated), so the run is not the uninterrupted one; nothing drawn
+  and unstored is evaluated, and the budget is still exact.
+The budget check (loop/trial.py) comes after the trial is created and before any draw (Optuna
+samples lazily, on the first suggest): a surplus trial draws nothing. Test hook: with
+EVOMERGE_SEARCH_KILL_AT=k[.n] the process SIGKILLs itself at KILL_STEPS[k-1] (common/killpoint.py).
 """
 
 from __future__ import annotations
@@ -16,11 +34,21 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.common.killpoint import kill_point
 from evomerge.errors import ConfigError
 from evomerge.search import keys
 
 if TYPE_CHECKING:
     import optuna
+
+# the points of one trial a crash test can kill at: created (before any draw), a relative draw
+# made (qmc: its index stored) but no parameter stored, one parameter stored
+KILL_AT_ENV = "EVOMERGE_SEARCH_KILL_AT"
+KILL_STEPS = ("asked", "drawn", "param-stored")
+
+
+def reached(step: str) -> None:
+    kill_point(KILL_AT_ENV, KILL_STEPS, step)
 
 
 def trial_state(trial: Any) -> str:

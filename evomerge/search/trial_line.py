@@ -3,6 +3,7 @@ groups), the proxy scores, the objective and the best so far."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from evomerge.recipe import Recipe
@@ -53,11 +54,22 @@ def summary(recipe: Recipe, limit: int = 6, groups: dict[str, int] | None = None
     st = recipe.final
     g = groups or {}
     parts = [st.merge_method]
+    if st.slices is not None:  # a layer stack: its slices, after the weight stage's summary
+        head = summary(Recipe(recipe.stages[:-1]), limit, groups) if len(recipe.stages) > 1 else ""
+        return f"{head} stack={'+'.join(_slice_text(sl) for sl in st.slices)}".strip()
     for name in list(st.models[0].parameters)[:limit] if st.models else []:
         vals = ",".join(_fmt(m.parameters.get(name), g.get(name)) for m in st.models)
         parts.append(f"{name}=({vals})")
     parts += [f"{k}={_fmt(v, g.get(k))}" for k, v in st.parameters.items()]
     return " ".join(parts)
+
+
+def _slice_text(sl: Any) -> str:
+    """`add[0:2]`, `merged[3:4]x0.78` (the slice's scale on o_proj/down_proj)."""
+    src = sl.sources[0]
+    text = f"{Path(str(src.model)).name}[{src.layer_range[0]}:{src.layer_range[1]}]"
+    scale = src.parameters.get("scale")
+    return text + (f"x{scale[0].value:.2f}" if isinstance(scale, list) else "")
 
 
 def trial_line(

@@ -9,9 +9,17 @@ MLP experts (OUT/mlp/<task>) are trained like the experts but with everything ex
 weights frozen: attention, embeddings and norms stay the base's, so a mergekit-style MoE (base
 attention + one MLP per expert, `evomerge moe`) keeps all of what each of them learned.
 
-Layout: OUT/base, OUT/<task> for task in tasks.TASKS, OUT/mlp/<task> (ordinary HF Qwen2
-checkpoints), and OUT/zoo.json, written last, whose settings hashes mark a finished zoo (then it
-is reused). OUT/mlp itself is not a model folder, so globs of OUT/* for models skip it.
+Depth experts (OUT/depth/<task>) are trained with only one half of the decoder layers free:
+the tasks in `depth_lower` train the lower half, the others the upper half; embeddings, the
+final norm and the other half stay the base's bytes. Their skills live at different depths,
+the zoo where a layer-stacking search (which layers run, in which order) can differ from a
+weight search: two experts of the same half fight in weight space, two of different halves
+do not (scripts/bench_stacking.py).
+
+Layout: OUT/base, OUT/<task> for task in tasks.TASKS, OUT/mlp/<task>, OUT/depth/<task>
+(ordinary HF Qwen2 checkpoints), and OUT/zoo.json, written last, whose settings hashes mark a
+finished zoo (then it is reused). OUT/mlp and OUT/depth are not model folders, so globs of
+OUT/* for models skip them.
 Each model is written to a temporary folder and renamed, so a crash leaves no half-written
 model; an interrupted build resumes from the models it finished (training is deterministic, so
 the result is bit-identical to an uninterrupted build).
@@ -33,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import ConfigError
 from evomerge.zoo.tasks import TASKS, Example
 from evomerge.zoo.tokenizer import EOS, build_tokenizer, tokenizer_config
-from evomerge.zoo.training import base_mix, deterministic, expert_mix, freeze_all_but_mlp, train
+from evomerge.zoo.training import base_mix, deterministic, expert_mix, freeze_all_but, train
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +50,8 @@ if TYPE_CHECKING:
 ZOO_FORMAT = 2  # bump when the training code changes what a given setting produces
 MLP_FORMAT = 1  # the same, for the MLP experts only
 MLP_DIR = "mlp"  # OUT/mlp/<task>
+DEPTH_FORMAT = 1  # the same, for the depth experts only
+DEPTH_DIR = "depth"  # OUT/depth/<task>
 MARKER = "zoo.json"
 MODEL_META = "zoo_model.json"
 
@@ -69,15 +79,36 @@ class ZooSettings:
     mlp_batch: int = 64
     mlp_lr: float = 3e-3
     mlp_replay: float = 0.25
+    depth_steps: int = 250  # depth experts: only one half of the layers trains (docstring)
+    depth_batch: int = 64
+    depth_lr: float = 2e-3
+    depth_replay: float = 0.25
+    depth_lower: tuple[str, ...] = ("add", "cap")  # these train the lower half, the rest the upper
+
+    def _fields(self, *variants: str) -> dict[str, Any]:
+        """The dense fields plus those of `variants` (each variant's fields leave the others'
+        hashes unchanged, so adding one retrains nothing else)."""
+        other = tuple(f"{v}_" for v in ("mlp", "depth") if v not in variants)
+        return {k: v for k, v in asdict(self).items() if not k.startswith(other)}
 
     def digest(self) -> str:
-        """Hash of the base and experts' settings (the mlp_* fields leave it unchanged)."""
-        dense = {k: v for k, v in asdict(self).items() if not k.startswith("mlp_")}
-        return _hash({"format": ZOO_FORMAT, **dense})
+        """Hash of the base and experts' settings (the mlp_*/depth_* fields leave it unchanged)."""
+        return _hash({"format": ZOO_FORMAT, **self._fields()})
 
     def mlp_digest(self) -> str:
         """Hash of the MLP experts' settings (which include everything the base depends on)."""
-        return _hash({"format": ZOO_FORMAT, "mlp_format": MLP_FORMAT, **asdict(self)})
+        return _hash({"format": ZOO_FORMAT, "mlp_format": MLP_FORMAT, **self._fields("mlp")})
+
+    def depth_digest(self) -> str:
+        """Hash of the depth experts' settings (which include everything the base depends on)."""
+        return _hash({"format": ZOO_FORMAT, "depth_format": DEPTH_FORMAT, **self._fields("depth")})
+
+    def depth_layers(self, task: str) -> range:
+        """The decoder layers a depth expert trains: the lower or the upper half (with an odd
+        count the middle layer is in both; with one layer both halves are that layer)."""
+        if task in self.depth_lower:
+            return range(0, (self.layers + 1) // 2)
+        return range(self.layers // 2, self.layers)
 
 
 def _hash(obj: dict[str, Any]) -> str:
@@ -165,11 +196,11 @@ class Stage:
     lr: float
     digest: str  # the settings hash its zoo_model.json must carry to be reused
     role: dict[str, str]
-    mlp_only: bool = False
+    trainable: tuple[str, ...] = ()  # name fragments of the parameters that train; () = all
 
 
-def _stages(s: ZooSettings, with_mlp: bool = True) -> list[Stage]:
-    dense, mlp = s.digest(), s.mlp_digest()
+def _stages(s: ZooSettings, with_mlp: bool = True, with_depth: bool = False) -> list[Stage]:
+    dense, mlp, depth = s.digest(), s.mlp_digest(), s.depth_digest()
     stages = [
         Stage("base", base_mix, s.base_steps, s.base_batch, s.base_lr, dense, {"role": "base"})
     ]
@@ -180,14 +211,38 @@ def _stages(s: ZooSettings, with_mlp: bool = True) -> list[Stage]:
     for t in TASKS if with_mlp else ():
         role = {"role": "mlp_expert", "task": f"zoo_{t}"}
         sample = expert_mix(t, s.mlp_replay)
+        name, only = f"{MLP_DIR}/{t}", (".mlp.",)
+        stages.append(Stage(name, sample, s.mlp_steps, s.mlp_batch, s.mlp_lr, mlp, role, only))
+    for t in TASKS if with_depth else ():
+        layers = s.depth_layers(t)
+        role = {
+            "role": "depth_expert",
+            "task": f"zoo_{t}",
+            "layers": f"{layers.start}-{layers.stop}",
+        }
+        sample = expert_mix(t, s.depth_replay)
+        only = tuple(f"model.layers.{i}." for i in layers)
         stages.append(
-            Stage(f"{MLP_DIR}/{t}", sample, s.mlp_steps, s.mlp_batch, s.mlp_lr, mlp, role, True)
+            Stage(
+                f"{DEPTH_DIR}/{t}",
+                sample,
+                s.depth_steps,
+                s.depth_batch,
+                s.depth_lr,
+                depth,
+                role,
+                only,
+            )
         )
     return stages
 
 
-def zoo_is_built(out: Path, settings: ZooSettings, mlp: bool = True) -> bool:
-    """True if `out` holds the zoo of `settings` (with its MLP experts if `mlp`)."""
+def zoo_is_built(
+    out: Path, settings: ZooSettings, mlp: bool = True, depth: bool | None = None
+) -> bool:
+    """True if `out` holds the zoo of `settings` (with its MLP experts if `mlp`, its depth
+    experts if `depth`, which follows `mlp` when not given: both are extras of the full zoo)."""
+    depth = mlp if depth is None else depth
     try:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
@@ -195,7 +250,8 @@ def zoo_is_built(out: Path, settings: ZooSettings, mlp: bool = True) -> bool:
     return (
         marker.get("settings") == settings.digest()
         and (not mlp or marker.get("mlp_settings") == settings.mlp_digest())
-        and all(_finished(out / st.name, st.digest) for st in _stages(settings, mlp))
+        and (not depth or marker.get("depth_settings") == settings.depth_digest())
+        and all(_finished(out / st.name, st.digest) for st in _stages(settings, mlp, depth))
     )
 
 
@@ -211,8 +267,8 @@ def _train_stage(model: Any, tok: Tokenizer, st: Stage, s: ZooSettings, bar: Any
         bar.set_postfix_str(f"{st.name} loss {loss:.3f}", refresh=False)
         bar.update(1)
 
-    if st.mlp_only:
-        freeze_all_but_mlp(model)
+    if st.trainable:
+        freeze_all_but(model, st.trainable)
     return train(
         model,
         tok,
@@ -227,27 +283,38 @@ def _train_stage(model: Any, tok: Tokenizer, st: Stage, s: ZooSettings, bar: Any
 
 
 def build_zoo(
-    out: str | Path, settings: ZooSettings | None = None, progress: bool = True, mlp: bool = True
+    out: str | Path,
+    settings: ZooSettings | None = None,
+    progress: bool = True,
+    mlp: bool = True,
+    depth: bool | None = None,
 ) -> Path:
     """Train (or reuse) the zoo under `out`; returns its folder. Same settings -> same bytes.
-    `mlp` False skips the MLP experts (only `evomerge moe` uses them; the demo does not)."""
+    `mlp` False skips the MLP experts (only `evomerge moe` uses them; the demo does not);
+    `depth` (default: as `mlp`) the depth experts (only scripts/bench_stacking.py uses them)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import Qwen2ForCausalLM
 
     s = settings or DEFAULT_SETTINGS
     out = Path(out)
-    if zoo_is_built(out, s, mlp):
+    depth = mlp if depth is None else depth
+    if zoo_is_built(out, s, mlp, depth):
         return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"zoo: expected a folder for --out, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # the zoo is unfinished until the marker is back
-    for stale in [*out.glob(".tmp-*"), *out.glob(f"{MLP_DIR}/.tmp-*")]:  # interrupted writes
+    stale_tmp = [
+        *out.glob(".tmp-*"),
+        *out.glob(f"{MLP_DIR}/.tmp-*"),
+        *out.glob(f"{DEPTH_DIR}/.tmp-*"),
+    ]
+    for stale in stale_tmp:  # interrupted writes
         shutil.rmtree(stale)
     tok = build_tokenizer()
     config = model_config(s, tok.get_vocab_size(), tok.token_to_id(EOS))
-    stages = _stages(s, mlp)
+    stages = _stages(s, mlp, depth)
     bar = tqdm(total=sum(st.steps for st in stages), desc="zoo", unit="step", disable=not progress)
     with deterministic(), bar:
         base_state: dict[str, torch.Tensor] = {}
@@ -275,6 +342,9 @@ def build_zoo(
     if mlp or all(_finished(out / st.name, st.digest) for st in _stages(s)):  # built earlier
         marker["mlp_settings"] = s.mlp_digest()
         marker["mlp_experts"] = {f"zoo_{t}": f"{MLP_DIR}/{t}" for t in TASKS}
+    if depth or all(_finished(out / st.name, st.digest) for st in _stages(s, False, True)):
+        marker["depth_settings"] = s.depth_digest()
+        marker["depth_experts"] = {f"zoo_{t}": f"{DEPTH_DIR}/{t}" for t in TASKS}
     _write_json(out / MARKER, marker)  # last: its presence means the zoo is complete
     return out
 
@@ -287,5 +357,5 @@ def cli_zoo(args: argparse.Namespace) -> int:
         print(f"zoo: {out} is up to date (settings {s.digest()})")
         return 0
     build_zoo(out, s, progress=True)
-    print(f"zoo: built base + experts and MLP experts {', '.join(TASKS)} in {out}")
+    print(f"zoo: built base + experts, MLP and depth experts {', '.join(TASKS)} in {out}")
     return 0

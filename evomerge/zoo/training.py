@@ -112,10 +112,11 @@ def train(
     return sum(tail) / max(1, len(tail))
 
 
-def freeze_all_but_mlp(model: Any) -> None:
-    """Only the MLP weights (gate/up/down projections) keep requires_grad."""
+def freeze_all_but(model: Any, fragments: tuple[str, ...]) -> None:
+    """Only parameters whose name contains one of `fragments` keep requires_grad (".mlp.":
+    the MLP weights; "model.layers.3.": one decoder layer)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(".mlp." in name)
+        p.requires_grad_(any(f in name for f in fragments))
 
 
 def base_mix(rng: random.Random) -> Example:

@@ -25,6 +25,7 @@ import torch
 from evomerge.common.device import default_device
 from evomerge.common.model_dir import has_config
 from evomerge.errors import CandidateError, ConfigError, did_you_mean
+from evomerge.eval.chat import ChatTemplating
 from evomerge.eval.hf.generate import greedy_generate, prefix_stable_decoding, trace_text
 from evomerge.eval.hf.prefix import PrefixStore
 from evomerge.eval.hf.score import plan, score_contexts
@@ -44,7 +45,7 @@ LOGITS_BUDGET = 2**27
 PREFIX_BUDGET = 1 << 30
 
 
-class HFBackend:
+class HFBackend(ChatTemplating):
     """A transformers model on one device. Use `HFBackend(dir)` or `HFBackend.from_model(...)`."""
 
     def __init__(
@@ -238,19 +239,6 @@ class HFBackend:
         whole = self._encode(context + continuation)
         ctx = self._encode(context)
         return ctx, whole[len(ctx) :]
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt=True):
-        """Same call as lm-eval's HFLM.apply_chat_template (used by ProxyTask)."""
-        return self.tokenizer.apply_chat_template(
-            chat_history,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.name.replace("/", "__")
 
     # ------------------------------------------------------------------ batching
     def split(self, items: Sequence[tuple[int, int]]) -> Iterator[range]:

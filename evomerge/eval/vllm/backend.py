@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.common.device import default_device
 from evomerge.common.model_dir import has_config
 from evomerge.errors import ConfigError, IntegrityError
+from evomerge.eval.chat import ChatTemplating
 from evomerge.eval.protocol import GenerationSpec
 from evomerge.eval.vllm.fingerprint import fingerprint
 
@@ -57,7 +58,7 @@ def _import_vllm() -> Any:
     return vllm
 
 
-class VllmBackend:
+class VllmBackend(ChatTemplating):
     """The Backend protocol (evomerge.eval.protocol) on a live `vllm.LLM`.
 
     device: "cpu" or "cuda" (default: cuda when available); it picks the weight-update route.
@@ -117,6 +118,7 @@ class VllmBackend:
             **engine_kw,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.name = model_dir.as_posix()
         self.dtype = self.llm.llm_engine.model_config.dtype  # what pushed tensors become
         self.max_length = int(self.llm.llm_engine.model_config.max_model_len)
 
