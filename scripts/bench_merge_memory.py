@@ -5,11 +5,26 @@ Qwen2-7B / Qwen2-14B-shaped bf16 model, then truncate to full size: reads return
 no disk used), merges each method family in a subprocess, polls /proc/PID/status for
 RssAnon and VmHWM every 0.2 s, and writes results/bench/merge_memory.{json,md}.
 
-The peer in the same run is the disk: a 2 GiB sequential write (fsync'd) in the output's
-folder gives the write speed, and a merge's bound is its output bytes at that speed (the
-inputs are sparse, so nothing is read from disk); each row prints wall / bound. A run
-stopped at its time limit reports the share of the output it had written and the wall
-time that projects to (none below 5%: too little to project from).
+The bound each merge is compared with is measured in the same run:
+
+- disk: a 2 GiB sequential write (64 MiB blocks, fsync'd) in the output's folder gives the
+  write speed; reading that file back with O_DIRECT (or, where the file system refuses it,
+  after posix_fadvise(DONTNEED) dropped its clean pages: no root needed) the read speed;
+- CPU: the minimal work per entry of the method, timed on an in-memory block (256K entries
+  of bf16 data with realistic deltas, one thread, in cache, so a lower bound): cast every
+  input to float32 once, the delta of each merged row, the method's statistic (TIES /
+  breadcrumbs: one histogram of the high 16 bits of |delta| per row, the first pass of any
+  exact selection; DARE: the row's 16-bit draws; DELLA: the draws and a sort of |delta|
+  along each row, for the ranks; slerp / model_stock: a dot product per row), one
+  multiply-add per row into the result, and the result's cast to bf16; scaled to the
+  model's entries and divided by the cores.
+
+Reading, computing and writing overlap (readahead, two tensors in flight, write-back), so a
+merge's bound is max(disk, CPU): disk = its output at the write speed for these sparse
+inputs (nothing is read from disk), and, for real checkpoints, plus every input read once at
+the read speed ("real-input bound", printed beside it). Each row prints wall / bound. A run
+stopped at its time limit reports the share of the output it had written and the wall time
+that projects to (none below 5%: too little to project from).
 
     python scripts/bench_merge_memory.py --sizes 7b --methods linear ties --mergekit-limit 120
 """
@@ -85,9 +100,12 @@ def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
     """Run cmd, sampling RssAnon / VmHWM every 0.2 s; stop it after `limit` seconds."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    peak_anon = peak_hwm = 0
+    peak_anon = peak_hwm = ticks = 0
     while proc.poll() is None:
         try:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+            ticks = int(fields[11]) + int(fields[12])  # utime + stime, all threads
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                 if line.startswith("RssAnon:"):
                     peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
@@ -101,6 +119,7 @@ def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
         time.sleep(0.2)
     out = proc.communicate()[0].decode(errors="replace")
     return {"wall_s": round(time.time() - t0, 1), "rc": proc.returncode,
+            "cpu_time_s": round(ticks / os.sysconf("SC_CLK_TCK"), 1),
             "peak_rss_anon_gb": round(peak_anon / 1e9, 3), "vm_hwm_gb": round(peak_hwm / 1e9, 3),
             "finished": proc.returncode == 0, "tail": out[-400:]}  # fmt: skip
 
@@ -120,11 +139,102 @@ def write_speed(folder: Path, size: int = 2 << 30) -> float:
     return size / dt
 
 
+def read_speed(folder: Path, size: int = 2 << 30) -> tuple[float, str]:
+    """Sequential read speed in bytes/s of a freshly written `size`-byte file, not from the
+    page cache: O_DIRECT reads (64 MiB aligned blocks) or, where the file system refuses
+    O_DIRECT, plain reads after fsync + posix_fadvise(DONTNEED). Returns (speed, how)."""
+    import mmap
+
+    block = 64 << 20
+    path = folder / "read_speed.bin"
+    with open(path, "wb") as f:
+        for _ in range(size // block):
+            f.write(os.urandom(1 << 20) * (block >> 20))
+        f.flush()
+        os.fsync(f.fileno())
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    how = "O_DIRECT"
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            os.preadv(fd, [memoryview(buf)[:4096]], 0)
+        except OSError:
+            how = "fadvise(DONTNEED), then read"
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0, got = time.time(), 0
+        while got < size:
+            n = os.preadv(fd, [buf], got)
+            if n <= 0:
+                break
+            got += n
+        dt = time.time() - t0
+        os.close(fd)
+    finally:
+        path.unlink()
+    return got / dt, how
+
+
+def cpu_ns_per_entry(method: str, n_inputs: int, cols: int = 3584) -> float:
+    """Seconds * 1e9 per entry of the method's minimal work (see the module docstring), on
+    one thread over 256K-entry blocks of realistic bf16 data."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from evomerge.merge import sparsify as sp
+
+    block, reps = (1 << 18) // cols * cols, 48
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(block, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [base] + [(base.float() + torch.randn(block, generator=g) * 0.002).to(torch.bfloat16)
+                   for _ in range(n_inputs - 1)]  # fmt: skip
+    f = [torch.empty(block) for _ in xs]
+    acc, tmp, out = torch.empty(block), torch.empty(block), torch.empty(block, dtype=torch.bfloat16)
+    draws = torch.empty((2, block), dtype=torch.uint8)
+    rows = range(1, n_inputs) if method != "linear" else range(n_inputs)
+    with_base = method != "linear"
+    best = float("inf")
+    with _threads(1):  # CPU time, not wall: the machine's other jobs do not inflate it
+        for _ in range(3):
+            t0 = time.process_time()
+            for r in range(reps):
+                for fi, x in zip(f, xs, strict=True):
+                    fi.copy_(x)  # every input cast once
+                acc.copy_(f[0]) if with_base else acc.zero_()
+                for j in rows:
+                    d = f[j].sub_(f[0]) if with_base else f[j]
+                    if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "sce"):
+                        torch.abs(d, out=tmp)
+                        torch.bincount(tmp.view(torch.int16)[1::2].contiguous(), minlength=1 << 15)
+                    if method in ("dare_ties", "dare_linear", "della", "della_linear"):
+                        sp.draws(0, "bench", j, block * reps, "cpu", r * block, (r + 1) * block,
+                                 out=draws)  # fmt: skip
+                    if method in ("della", "della_linear"):
+                        np.sort(tmp.numpy().reshape(-1, cols), axis=1)
+                    if method in ("slerp", "model_stock", "nuslerp", "multislerp", "karcher"):
+                        torch.dot(d, f[0])
+                    acc.add_(d, alpha=0.5)
+                out.copy_(acc)  # the result cast once
+            best = min(best, time.process_time() - t0)
+    return best / (block * reps) * 1e9
+
+
+def _threads(n: int):
+    from evomerge.common.device import torch_threads
+
+    return torch_threads(n)
+
+
 def output_bytes(size: str) -> int:
     """bf16 bytes of the merged checkpoint's tensors."""
     import math
 
     return sum(2 * math.prod(s) for s in tensors(size).values())
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def written(out: Path) -> int:
@@ -148,8 +258,12 @@ def main() -> int:
     args = ap.parse_args()
     results = []
     work = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    load0 = load_average()
     speed = write_speed(work)
-    print(f"sequential write: {speed / 1e6:.0f} MB/s", flush=True)
+    rspeed, rhow = read_speed(work)
+    print(f"sequential write: {speed / 1e6:.0f} MB/s, read: {rspeed / 1e6:.0f} MB/s ({rhow})",
+          flush=True)  # fmt: skip
+    cpu_ns: dict[tuple[str, int], float] = {}
     try:
         for size in args.sizes:
             models = [work / f"{size}-{i}" for i in range(3)]
@@ -174,18 +288,35 @@ def main() -> int:
                     total = output_bytes(size)
                     done = sum(written(p) for p in work.glob("*out*"))  # temp folders too
                     share = 1.0 if r["finished"] else min(1.0, done / total)
-                    bound = total / speed
+                    n_in = len(merged) + (method != "linear")
+                    if (method, n_in) not in cpu_ns:
+                        cpu_ns[method, n_in] = cpu_ns_per_entry(method, n_in)
+                    cpu_s = cpu_ns[method, n_in] * (total // 2) / (os.cpu_count() or 1) / 1e9
+                    write_s, read_s = total / speed, n_in * total / rspeed
+                    bound = max(write_s, cpu_s)
                     r.update(
                         size=size,
                         method=method,
                         tool=tool,
                         write_mb_s=round(speed / 1e6),
+                        read_mb_s=round(rspeed / 1e6),
+                        write_s=round(write_s, 1),
+                        read_s=round(read_s, 1),
+                        cpu_ns_per_entry=round(cpu_ns[method, n_in], 2),
+                        cpu_s=round(cpu_s, 1),
                         bound_s=round(bound, 1),
+                        real_input_bound_s=round(max(write_s + read_s, cpu_s), 1),
                         share_written=round(share, 3),
                         projected_wall_s=round(r["wall_s"] / share, 1) if share >= 0.05 else None,
                     )
                     r["x_bound"] = (round(r["projected_wall_s"] / bound, 2)
                                     if r["projected_wall_s"] else None)  # fmt: skip
+                    # CPU time against the CPU floor: what the load of other jobs leaves alone
+                    full_cpu = r["cpu_time_s"] / share if share >= 0.05 else None
+                    r["projected_cpu_time_s"] = round(full_cpu, 1) if full_cpu else None
+                    floor = cpu_s * (os.cpu_count() or 1)
+                    r["x_cpu_floor"] = round(full_cpu / floor, 2) if full_cpu else None
+                    r["load_average"] = load_average()
                     print(json.dumps({k: v for k, v in r.items() if k != "tail"}), flush=True)
                     results.append(r)
                     shutil.rmtree(out, ignore_errors=True)
@@ -195,19 +326,29 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    lines = ["| size | method | tool | wall s | written | projected s | write bound s | x bound "
-             "| peak RssAnon GB | VmHWM GB | finished |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| size | method | tool | wall s | written | projected s | write s | CPU ns/entry "
+             "| CPU s | bound s | x bound | real-input bound s | CPU time s (projected) "
+             "| x CPU floor | peak RssAnon GB | VmHWM GB | finished | load avg |",
+             "|---" * 18 + "|"]  # fmt: skip
     for r in results:
         lines.append(f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_s']} | "
-                     f"{r['share_written']:.0%} | {r['projected_wall_s']} | {r['bound_s']} | "
-                     f"{r['x_bound']} | {r['peak_rss_anon_gb']} | {r['vm_hwm_gb']} | "
-                     f"{r['finished']} |")  # fmt: skip
+                     f"{r['share_written']:.0%} | {r['projected_wall_s']} | {r['write_s']} | "
+                     f"{r['cpu_ns_per_entry']} | {r['cpu_s']} | {r['bound_s']} | "
+                     f"{r['x_bound']} | {r['real_input_bound_s']} | {r['cpu_time_s']} "
+                     f"({r['projected_cpu_time_s']}) | {r['x_cpu_floor']} | "
+                     f"{r['peak_rss_anon_gb']} | "
+                     f"{r['vm_hwm_gb']} | {r['finished']} | {r['load_average']} |")  # fmt: skip
     head = [f"# Merge memory and wall time ({' '.join(sys.argv[1:])})", "",
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, torch {_torch_version()}; sequential write "
-            f"{speed / 1e6:.0f} MB/s (2 GiB, fsync'd, same run). Inputs: header-only sparse bf16 "
-            "checkpoints (reads return zeros); output bf16.", ""]  # fmt: skip
+            f"{speed / 1e6:.0f} MB/s (2 GiB, fsync'd), read {rspeed / 1e6:.0f} MB/s (2 GiB, "
+            f"{rhow}), same run. Load average {load0} at the start. Inputs: header-only "
+            "sparse bf16 checkpoints (reads return zeros); output bf16. Bound = max(output at "
+            "the write speed, CPU); real-input bound adds every input read once at the read "
+            "speed; CPU = the method's minimal work per entry (script docstring, CPU time of one "
+            "thread) x entries / cores. x CPU floor = the merge's CPU time (all threads, "
+            "projected to the whole output) / (that minimal work x entries): less sensitive to "
+            "the other jobs' load than wall / bound.", ""]  # fmt: skip
     Path(args.out + ".md").write_text("\n".join(head + lines) + "\n")
     return 0
 

@@ -22,6 +22,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,6 +95,7 @@ def read_study(study_dir: Path) -> dict:
     winner = pick_trial(outcome, None)
     rows = [{"model": r.label, "search": r.proxy, "test": r.heldout}
             for r in score_rows(outcome, winner)]  # fmt: skip
+    rows += searched_rows(outcome, winner.number)
     full, timed = [], []
     for t in outcome.study.get_trials(deepcopy=False):
         if t.datetime_complete is None or t.user_attrs.get(keys.REPEAT_OF) is not None:
@@ -114,6 +116,23 @@ def read_study(study_dir: Path) -> dict:
     }
 
 
+def searched_rows(outcome: Any, winner: int) -> list[dict]:
+    """The best searched (non-baseline) trial that was rescored on the held-out split, when
+    the winner is a baseline: the table then shows what the search itself found."""
+    from evomerge.search import keys
+
+    trials = {t.number: t for t in outcome.study.get_trials(deepcopy=False)}
+    found = [(e["select"]["objective"][0], n) for n, e in outcome.heldout.items()
+             if trials[n].user_attrs.get(keys.BASELINE) is None and "select" in e]  # fmt: skip
+    if not found or trials[winner].user_attrs.get(keys.BASELINE) is None:
+        return []
+    n = max(found)[1]
+    params = ", ".join(f"{v:.3g}" for v in trials[n].params.values())
+    return [{"model": f"best searched trial {n} (weights {params})",
+             "search": {},  # its search score is in the study's trial list
+             "test": dict(outcome.heldout[n]["test"]["tasks"])}]  # fmt: skip
+
+
 def _mean(d: dict[str, float]) -> float | None:
     return sum(d.values()) / len(d) if d else None
 
@@ -124,7 +143,8 @@ def markdown(summary: dict) -> str:
         "",
         f"Measured {summary['date']} on {summary['machine']} by `scripts/bench_smollm2.py` "
         f"(`{summary['command']}`). Scores: exact match in points on the held-out *test* part "
-        f"({summary['test_docs']}), which neither the search nor the choice of the winner saw.",
+        f"({summary['test_docs']}), which neither the search nor the choice of the winner saw. "
+        f"Machine load (1-minute average): {summary.get('load', 'not recorded')}.",
         "",
     ]
     for backend, res in summary["backends"].items():
@@ -184,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:  # studies already run (by an earlier call): export and read them
         summary["backends"] = {b: finish_backend(b, args.runs, None) for b in backends}
     else:
+        load0 = os.getloadavg()[0]
         summary["backends"] = run_searches(backends, args.runs, args.n_trials, args.seed)
+        summary["load"] = f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     b = summary["backends"]
     if "hf" in b and "vllm" in b:
         ratio = b["vllm"]["s_per_trial"] / b["hf"]["s_per_trial"]

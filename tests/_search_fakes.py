@@ -3,10 +3,13 @@ known function of the merge weights, its search space, and a subprocess runner f
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,3 +109,18 @@ class FakeWorkbench:
 def _result(per: dict[str, dict[int, float]], complete: bool) -> FakeResult:
     tasks = {t: TaskScore(sum(v.values()) / len(v), 0.0, len(v)) for t, v in per.items()}
     return FakeResult(per, tasks, complete)
+
+
+def kill_while_running(victim: subprocess.Popen, trials: Callable[[], list]) -> Any:
+    """SIGKILL `victim` once one of its trials is RUNNING and has sent a heartbeat or two;
+    returns that trial (as it was while running)."""
+    deadline = time.time() + 90
+    running: list = []
+    while not running and time.time() < deadline:
+        running = [t for t in trials() if t.state.name == "RUNNING"]
+        time.sleep(0.2)
+    assert running, victim.stderr.read().decode()[-2000:] if victim.poll() is not None else ""
+    time.sleep(1.5)  # a heartbeat or two recorded: the trial is alive, then it goes silent
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    return running[0]

@@ -4,6 +4,7 @@ functions count), each room imports only the rooms it may, modules stay one scre
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,16 @@ def test_lm_eval_private_names_only_in_the_compat_module() -> None:
         if any(s in text for s in ("_yaml_loader", "._metric_fn_list", "._filters")):
             users.append(p.name)
     assert users == ["lm_compat.py"]
+
+
+def test_optuna_private_names_only_in_the_qmc_sampler() -> None:
+    """Optuna's private API (storage handles, trial ids, the QMC sample counter) may change
+    in any release: one module (search/qmc.py) reaches into it, so an upgrade breaks there."""
+    private = re.compile(
+        r"\._storage\b|\._study_id\b|\._trial_id\b|_find_sample_id|optuna[\w.]*\._\w"
+    )
+    users = sorted(p.name for p in ROOT.rglob("*.py") if private.search(p.read_text()))
+    assert users == ["qmc.py"]
 
 
 def test_import_evomerge_and_recipe_load_no_heavy_packages(tmp_path: Path) -> None:

@@ -10,13 +10,12 @@ so this file says when that changes); storage_url's docstring says so to users.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from _search_fakes import fake_space, spawn_with_fakes
+from _search_fakes import fake_space, kill_while_running, spawn_with_fakes
 
 optuna = pytest.importorskip("optuna")
 TESTS = Path(__file__).resolve().parent
@@ -64,16 +63,7 @@ def test_killed_sqlite_worker_trial_is_recovered_by_heartbeat(tmp_path: Path):
 
     (tmp_path / "space.yaml").write_text(fake_space())  # heartbeat 1 s, grace period 2 s
     victim = _spawn(tmp_path, n=8, sleep=30.0)  # its first trial takes 30 s
-    deadline = time.time() + 90
-    running: list = []
-    while not running and time.time() < deadline:
-        running = [t for t in _trials(tmp_path) if t.state.name == "RUNNING"]
-        time.sleep(0.2)
-    assert running, victim.stderr.read().decode()[-2000:] if victim.poll() is not None else ""
-    time.sleep(1.5)  # a heartbeat or two recorded: the trial is alive, then it goes silent
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    killed = running[0]
+    killed = kill_while_running(victim, lambda: _trials(tmp_path))
     time.sleep(2.5)  # past the grace period: the trial is stale
     worker = _spawn(tmp_path, n=8, sleep=0.05)
     assert worker.wait(timeout=240) == 0, worker.stderr.read().decode()[-2000:]

@@ -64,6 +64,21 @@ def test_nan_in_source_is_reported(tiny_model):
         r.get_tensor("model.layers.0.mlp.down_proj.weight")  # the others still read
 
 
+def test_large_finite_values_are_not_reported(tiny_model):
+    """Finite weights whose sum overflows float32 are still finite (no false NaN/inf error)."""
+    path = tiny_model()
+    sd = load_file(str(path / "model.safetensors"))
+    big = torch.finfo(torch.float32).max
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.full_like(
+        sd["model.layers.0.mlp.up_proj.weight"], big
+    )
+    save_file(sd, str(path / "model.safetensors"))
+    with open_checkpoint(path) as r:
+        buf = torch.empty(r.shape("model.layers.0.mlp.up_proj.weight"))
+        r.read_into("model.layers.0.mlp.up_proj.weight", buf)
+        assert torch.all(buf == big)
+
+
 def test_pickle_refused_unless_allowed(tmp_path):
     d = tmp_path / "binmodel"
     d.mkdir()

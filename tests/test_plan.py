@@ -19,6 +19,7 @@ import pytest
 from conftest import write_sparse_checkpoint
 
 from evomerge.cli import main
+from evomerge.merge.memory import memory_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "evals" / "zoo_add.yaml"
@@ -90,10 +91,12 @@ def test_plan_7b_vllm_cuda_without_weights(tmp_path) -> None:
     out = r.stdout
     assert f"LlamaForCausalLM, {P:,d} parameters, bfloat16" in out
     resident = 3 * P * 2  # base + two experts, bf16 rows
-    buffers = 2 * EMBED * 4
+    chunks = memory_figures("linear", 3, 2).peak_bytes(EMBED)  # the candidate's row chunks
+    buffers = chunks + EMBED * 4  # + the whole float32 tensor handed to vLLM
     engine = P * 2  # vLLM "auto": the checkpoint's bf16
     assert "resident inputs (3 x bfloat16)" in out and f"{resident:,d} B" in out
-    assert f"{buffers:,d} B" in out and "engine weights (bfloat16)" in out
+    assert f"{'merge buffers (linear row chunks)':<44} {chunks:>16,d} B" in out
+    assert "inputs placement: device" in out and "engine weights (bfloat16)" in out
     assert f"{engine:,d} B" in out
     budget = 80 * GIB
     util = math.floor(100 * (budget - resident - buffers - 2 * GIB) / budget) / 100
@@ -106,14 +109,14 @@ def test_plan_7b_vllm_cuda_without_weights(tmp_path) -> None:
 
 
 def test_plan_that_cannot_fit_exits_2_with_numbers(tmp_path) -> None:
-    space = _space(tmp_path, "ties")
+    space = _space(tmp_path, "ties", "  inputs: device\n")  # host placement would fit
     r = _run(["plan", str(space), "--device", "cuda", "--gpu-memory", "80GiB", "--backend",
               "vllm", "--no-tasks"])  # fmt: skip
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in r.stderr
     masks = 2 * P * 4  # TIES: int32 magnitude order per expert entry
-    merger = 3 * P * 2 + masks + 2 * EMBED * 4
+    merger = 3 * P * 2 + masks + memory_figures("ties", 3, 2).peak_bytes(EMBED) + EMBED * 4
     assert "does not fit on cuda" in err[0]
     assert f"{merger / GIB:.2f} GiB for the merger" in err[0]
     assert f"mask statistics (order, 2 rows) {masks / GIB:.2f} GiB" in err[0]

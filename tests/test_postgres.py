@@ -7,14 +7,12 @@ Needs a server: `export EVOMERGE_TEST_PG_URL=$(scripts/ci_postgres.sh)`; skipped
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from _search_fakes import fake_space, spawn_with_fakes
+from _search_fakes import fake_space, kill_while_running, spawn_with_fakes
 
 optuna = pytest.importorskip("optuna")
 PG_URL = os.environ.get("EVOMERGE_TEST_PG_URL")
@@ -90,16 +88,7 @@ def test_four_workers_meet_the_budget_exactly(tmp_path: Path, study: str):
 
 def test_killed_worker_trial_is_recovered_by_heartbeat(tmp_path: Path, study: str):
     victim = _spawn(tmp_path, study, n=10, sleep=30.0)  # its first trial takes 30 s
-    deadline = time.time() + 90
-    running: list = []
-    while not running and time.time() < deadline:
-        running = [t for t in _trials(study) if t.state.name == "RUNNING"]
-        time.sleep(0.2)
-    assert running, victim.stderr.read().decode()[-2000:] if victim.poll() is not None else ""
-    time.sleep(1.5)  # a heartbeat or two recorded: the trial is alive, then it goes silent
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    killed = running[0]
+    killed = kill_while_running(victim, lambda: _trials(study))
     _wait_all([_spawn(tmp_path, study, n=10, sleep=0.1) for _ in range(3)])
 
     trials = _trials(study)

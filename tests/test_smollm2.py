@@ -112,3 +112,24 @@ def test_search_scores_base_like_eval(smol: dict[str, Path], tmp_path: Path) -> 
                "--apply-chat-template", "--device", "cpu")  # fmt: skip
     line = next(x for x in out.splitlines() if x.startswith("smollm2_rev3"))
     assert float(line.split()[2]) == pytest.approx(searched, abs=1e-4)
+
+
+def test_adapter_cache_follows_task_files(
+    smol: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter is reused only for the training records it was trained on (they exclude the
+    task files' word triples, so other task files may mean other records). Zero steps: only the
+    cache is under test."""
+    import argparse
+
+    import smollm2_skills
+
+    args = argparse.Namespace(steps=0, rank=4, alpha=8, lr=3e-3, batch=4, seed=0)
+    stamp = tmp_path / "lora_rev3" / "build.json"
+    build_smollm2.train_adapter(smol["base"], "rev3", tmp_path, args)
+    first, made = json.loads(stamp.read_text())["key"], stamp.stat().st_mtime_ns
+    build_smollm2.train_adapter(smol["base"], "rev3", tmp_path, args)
+    assert stamp.stat().st_mtime_ns == made  # same settings: cached, not rewritten
+    monkeypatch.setattr(smollm2_skills, "N_TRAIN", smollm2_skills.N_TRAIN - 1)
+    build_smollm2.train_adapter(smol["base"], "rev3", tmp_path, args)
+    assert json.loads(stamp.read_text())["key"] != first

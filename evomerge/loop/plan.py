@@ -4,7 +4,8 @@ Prints the models (architecture, parameters, dtype: config.json and safetensors 
 genome (every searched dimension and its bounds, as the search's start-up line), the memory
 plan (loop/memory.py), the documents per evaluation chunk and, when results/NAME holds a
 study with finished trials, the time per trial they took. A plan that cannot fit is exit 2
-with the numbers. `engine_share` gives the search the same gpu_memory_utilization.
+with the numbers. `search_memory` gives the search the same placement of the inputs and the
+same gpu_memory_utilization.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def build_plan(
             space.spec.methods, readers, infos, backend=backend, device=device,
             budget=device_budget(device, gpu_memory), engine_kw=engine_kw,
             merges=stack is None or stack.hybrid, stack_copies=stack_copies(space),
+            inputs=space.spec.eval.get("inputs", "auto"),
         )  # fmt: skip
     finally:
         for r in readers:
@@ -70,13 +72,20 @@ def build_plan(
     return infos, plan
 
 
-def engine_share(space: SearchSpace, device: str, engine_kw: dict[str, Any]) -> dict[str, Any]:
-    """vLLM on CUDA without a user gpu_memory_utilization: the plan's figure (what is left
-    beside the merger's resident inputs), so the engine never takes the inputs' memory."""
-    if not str(device).startswith("cuda") or "gpu_memory_utilization" in engine_kw:
-        return {}
-    _, plan = build_plan(space, backend="vllm", device=device, gpu_memory=None)
-    return {} if plan.utilization is None else {"gpu_memory_utilization": plan.utilization}
+def search_memory(
+    space: SearchSpace, backend: str, device: str, engine_kw: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(inputs placement, engine options to add) a search runs by. On CUDA: the plan's
+    (ConfigError when it cannot fit): the placement, and for vLLM without a user
+    gpu_memory_utilization the plan's figure (what is left beside the merger's share), so
+    the engine never takes the inputs' memory. Elsewhere: eval.inputs (auto: the device)."""
+    option = space.spec.eval.get("inputs", "auto")
+    if not str(device).startswith("cuda"):
+        return ("host" if option == "host" else "device"), {}
+    _, plan = build_plan(space, backend=backend, device=device, gpu_memory=None)
+    if backend != "vllm" or "gpu_memory_utilization" in engine_kw or plan.utilization is None:
+        return plan.placement, {}
+    return plan.placement, {"gpu_memory_utilization": plan.utilization}
 
 
 def trial_times(results: Path, name: str) -> str | None:

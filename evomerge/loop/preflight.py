@@ -75,6 +75,7 @@ def check_eval(space: SearchSpace, backend: str | None) -> None:
     """The `eval:` values the evaluator and the backend would refuse after loading."""
     from evomerge.eval.backends import BACKENDS
     from evomerge.eval.evaluator import check_chunks
+    from evomerge.loop.memory import check_placement
 
     src, cfg = space.spec.source, space.spec.eval
     chunks = cfg.get("chunks", (16, 64, None))
@@ -96,6 +97,7 @@ def check_eval(space: SearchSpace, backend: str | None) -> None:
             "engine fixes its layer count at start; a new engine per candidate costs seconds)"
         )
     # batch_size 'auto' is valid for vllm too: its scheduler batches (issue #18)
+    check_placement(cfg.get("inputs", "auto"), f"{src}: eval.inputs")
     engine_options(space)
     task_options_of(space)
 

@@ -7,6 +7,7 @@ trial). It wires merge and eval only; the search (Optuna) is run.py's.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.common.device import default_device
@@ -57,7 +58,7 @@ class LiveWorkbench:
         from evomerge.eval.backends import load_backend
         from evomerge.eval.evaluator import Evaluator
         from evomerge.eval.tasks import load_tasks
-        from evomerge.loop.plan import engine_share
+        from evomerge.loop.plan import search_memory
         from evomerge.loop.preflight import engine_options, task_options_of
         from evomerge.merge.candidate import CandidateMerger
         from evomerge.merge.io import open_checkpoint, resolve_model_path
@@ -72,11 +73,18 @@ class LiveWorkbench:
         self.task_names = [t.name for t in self.tasks]
         self.higher_is_better = {t.name: bool(t.higher_is_better) for t in self.tasks}
         # eval.vllm: the engine's arguments (with gpu_memory_utilization from the memory plan
-        # when the user left it out: loop/plan.py)
+        # when the user left it out), and where the merger's inputs live: loop/plan.py
         extra: dict[str, Any] = {}
         if backend == "vllm":
             extra = {**engine_options(space), "verify_transfer": verify_transfer}
-            extra.update(engine_share(space, device, extra))
+        self.placement, share = search_memory(space, backend, device, extra)
+        if self.placement == "host":  # slower per candidate: say so once
+            print(
+                "merge inputs in host memory, streamed to the device in row chunks per "
+                f"candidate (eval.inputs: {spec.eval.get('inputs', 'auto')})",
+                file=sys.stderr,
+            )
+        extra.update(share)
         self.backend = load_backend(
             backend, resolve_model_path(spec.base_model or spec.models[0]),  # hub ids: HF cache
             device=device, batch_size=batch_size,
@@ -101,7 +109,9 @@ class LiveWorkbench:
             sources = {str(r): open_checkpoint(r) for r in refs}
             check_compatible(sources, by_pattern=False)  # unmergeable models: exit 2
             layers = spec.num_layers or num_layers(sources[str(refs[-1])].config) or 1
-            self.merger = CandidateMerger(stage, sources, num_layers=layers, device=device)
+            self.merger = CandidateMerger(
+                stage, sources, num_layers=layers, device=device, placement=self.placement
+            )
             pack = getattr(self.backend, "pack_live", None)  # optional: HFBackend.pack_live
             if pack is not None:
                 pack(self.merger.tensor_names)
@@ -241,7 +251,7 @@ class LiveWorkbench:
         if live is None or self.merger is None:
             return "the live weights cannot be compared tensor by tensor here"
         for name, t in self.merger.source_tensors(self.loaded_ref):
-            if not bool((live[name] == t.to(live[name].dtype)).all()):
+            if not bool((live[name] == t.to(live[name].device, live[name].dtype)).all()):
                 return f"first tensor that differs from the loaded model: '{name}'"
         return "every live tensor equals the loaded model's (state outside the weights)"
 

@@ -1,12 +1,17 @@
-"""In-place candidates for the search: inputs resident on the device, no disk per trial.
+"""In-place candidates for the search: inputs resident, no disk per trial.
 
 Every input model is loaded once and stacked per tensor  # (n_inputs, *shape), in its own
 dtype when every source shares one that float32 holds exactly (bfloat16 sources stay
 bfloat16: half the memory and half the bytes a trial reads; `fused` methods convert entry
-by entry, others get a float32 copy per call). Magnitude orders, DARE/DELLA draws and
-ranks (and, for methods outside the fused kernels, task vectors) are computed on first use
-and kept, so a trial costs only the parameter-dependent arithmetic: for the fused methods
-one compiled pass (see kernel.py) straight into the live parameters.
+by entry). The inputs live on the compute device, or in host memory when they would not fit
+beside the engine (placement "host", chosen by loop/memory.py; see resident.py).
+
+With device placement, the fused methods' magnitude orders, DARE/DELLA draws and ranks are
+computed on first use and kept, so a trial costs one compiled pass (see kernel.py) straight
+into the live parameters. Every other merge -- methods outside the fused kernels, and every
+method on host-placed inputs -- runs the disk path's row-chunk pipeline over the resident
+rows (resident.merge_rows: memory.rows_per_chunk rows at a time), so the working set is
+memory.memory_figures' chunk buffers, not float32 copies of whole tensors.
 
 Results equal `resolve.merge_tensor` (the disk path) bit for bit: both run the same method
 functions on the same values, compiled kernels give the eager bits, and the cache only
@@ -15,14 +20,16 @@ memoizes data-only values computed by the same code.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from evomerge.errors import ConfigError, MergeError, did_you_mean
+from evomerge.merge import resident
 from evomerge.merge.arch import gradient_t
+from evomerge.merge.chunked import Arena, chunkable
 from evomerge.merge.contract import MergeInputs, Method
+from evomerge.merge.memory import rows_per_chunk
 from evomerge.merge.resolve import inputs_for_rows
 from evomerge.merge.table import get_method
 from evomerge.merge.threads import ThreadChoice
@@ -92,11 +99,14 @@ class CandidateMerger:
         tensor_names: Sequence[str] | None = None,
         compiled: bool | None = None,
         threads: int | None = None,
+        placement: str = "device",
     ) -> None:
         """compiled: run the fused kernels compiled (None: when available here and the
         inputs are large enough to repay compiling, COMPILE_MIN_ENTRIES).
         threads: intra-op threads of the fused kernels (None: on the CPU, 1 or torch's
-        count, whichever `apply` measures faster (see threads.py); elsewhere torch's)."""
+        count, whichever `apply` measures faster (see threads.py); elsewhere torch's).
+        placement: "device" (inputs resident on `device`) or "host" (on the CPU, pinned
+        when `device` is CUDA; every candidate streams them in row chunks)."""
         import torch
 
         from evomerge.merge.buffers import Buffers
@@ -111,11 +121,19 @@ class CandidateMerger:
         bi = base_index(stage)
         first = sources[self._keys[0 if bi is None else bi]]
         names = list(first.keys()) if tensor_names is None else list(tensor_names)
+        resident.check_placement(placement)
         self.device = device
+        self.placement = placement
+        self._home = device if placement == "device" else "cpu"  # where the rows live
+        self._arena = Arena(device)  # row-chunk buffers (chunked.merge_chunked)
         self._lowrank = _lowrank(self._keys, sources, names)  # adapters as factors, or None
-        self._rows = self._load(names, sources)  # (n, *shape) each, views of self._flat
+        dense = [k for i, k in enumerate(self._keys) if self._is_dense(i)]
+        pin = placement == "host" and str(device).startswith("cuda")  # async chunk copies
+        # (n, *shape) each, views of one (n, entries) buffer per dtype in self._flat
+        self._flat, self._spans, self._rows = resident.load_rows(
+            self._keys, dense, sources, names, self._home, pin
+        )
         self._t = {name: gradient_t(name, num_layers) for name in names}
-        self._deltas: dict[str, torch.Tensor] = {}
         self.cache = SparsifyCache()
         self._scratch = Buffers()
         if compiled is None:
@@ -159,62 +177,6 @@ class CandidateMerger:
         out = self._scratch.get("lowrank-rows", shape, rows.dtype, rows.device)
         return self._lowrank.expand(name, rows, out)
 
-    def _meta(self, name: str, sources: Mapping[str, TensorSource]) -> tuple[tuple, object]:
-        """(shape, resident dtype) of tensor `name`, the same in every model (else ConfigError)."""
-        import torch
-
-        shapes, dtypes = [], []
-        for key in self._keys:
-            src = sources[key]
-            try:
-                if hasattr(src, "shape") and hasattr(src, "dtype"):  # CheckpointReader: no read
-                    shape, dtype = tuple(src.shape(name)), src.dtype(name)
-                else:
-                    t = src.get_tensor(name)
-                    shape, dtype = tuple(t.shape), t.dtype
-            except (KeyError, MergeError):  # models that do not fit together: bad input
-                raise ConfigError(f"model '{key}' has no tensor '{name}'") from None
-            shapes.append(shape)
-            dtypes.append(dtype)
-        if len(set(shapes)) > 1:
-            got = ", ".join(f"{k}: {s}" for k, s in zip(self._keys, shapes, strict=True))
-            raise ConfigError(f"tensor '{name}' has different shapes across models: {got}")
-        dtype = dtypes[0] if len(set(dtypes)) == 1 else torch.float32
-        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            dtype = torch.float32
-        return shapes[0], dtype
-
-    def _load(self, names: list[str], sources: Mapping[str, TensorSource]) -> dict:
-        """Every tensor's stacked inputs, as views of one (n_inputs, entries) buffer per dtype:
-        consecutive tensors are consecutive columns, so an elementwise method merges a run of
-        tensors with equal parameters as one flat tensor (see _runs)."""
-        import torch
-
-        metas = {name: self._meta(name, sources) for name in names}  # checks before loading
-        totals: dict = {}
-        spans = {}
-        for name, (shape, dtype) in metas.items():
-            a = totals.get(dtype, 0)
-            totals[dtype] = b = a + math.prod(shape)
-            spans[name] = (dtype, a, b)
-        self._spans = spans
-        n = len(self._keys) if self._lowrank is None else len(self._lowrank.dense_index)
-        self._flat = {
-            dt: torch.empty((n, total), dtype=dt, device=self.device)
-            for dt, total in totals.items()
-        }
-        rows = {}
-        for name, (dtype, a, b) in spans.items():
-            r = rows[name] = self._flat[dtype][:, a:b].view(n, *metas[name][0])
-            dense = [k for i, k in enumerate(self._keys) if self._is_dense(i)]
-            for i, key in enumerate(dense):
-                src = sources[key]
-                if hasattr(src, "read_into"):  # straight from the file into the row
-                    src.read_into(name, r[i])
-                else:
-                    r[i].copy_(src.get_tensor(name))
-        return rows
-
     def _check(self, stage: MergeStage) -> None:
         refs = input_refs(stage)
         if refs != self._refs:
@@ -227,6 +189,16 @@ class CandidateMerger:
         """The fused kernels' thread count for `method`: the fixed one, or the one measured
         faster so far (None before `apply` has timed both)."""
         return self.threads or self._choice.chosen(method)
+
+    def chunk_rows(self, method: str, name: str) -> int | None:
+        """Rows per chunk of tensor `name` when `method` merges it through the row-chunk
+        pipeline (memory.rows_per_chunk, as the disk path), None when it merges whole
+        (a fused method on device-resident inputs, a 1-D or one-row tensor)."""
+        shape = tuple(self._rows[name].shape[1:])
+        m = get_method(method)
+        if not chunkable(m.name, shape) or (m.fused and self.placement == "device"):
+            return None
+        return rows_per_chunk(shape)
 
     def merged(self, stage: MergeStage) -> Iterator[tuple[str, torch.Tensor]]:
         """Each output tensor (float32, possibly a reused buffer: consume it before the next)."""
@@ -242,34 +214,53 @@ class CandidateMerger:
         import torch
 
         from evomerge.common.device import torch_threads
-        from evomerge.merge.methods import task_vectors
 
         self._check(stage)
         method = get_method(stage.merge_method)
         with torch_threads(threads if method.fused else torch.get_num_threads()):
             for names, inputs in self._runs(stage, method, target):
+                if inputs is None:  # row chunks, written into target (or a whole buffer)
+                    yield names, self._chunked(stage, names[0], target)
+                    continue
                 inputs.kernels = self.kernels
-                if method.task_vectors and not method.fused and inputs.base is not None:
-                    # with adapter inputs, kept deltas would be a dense copy of every adapter
-                    deltas = self._deltas.get(names[0])
-                    if deltas is None:
-                        deltas = task_vectors(inputs)
-                        if self._lowrank is None:
-                            self._deltas[names[0]] = deltas
-                    inputs.deltas = deltas
                 inputs.cache = self.cache
                 inputs.scratch = self._scratch
                 yield names, method.fn(inputs)
 
+    def _chunked(self, stage: MergeStage, name: str, target: Mapping) -> torch.Tensor:
+        """Merge `name` through chunked.merge_chunked over the resident rows: each chunk cast
+        (and copied to the device) into one reused buffer, its merged rows written into
+        target[name] -- or, without a target, into a whole float32 buffer (merged())."""
+        import torch
+
+        method = get_method(stage.merge_method)
+        step = self.chunk_rows(method.name, name)
+        assert step is not None
+        rows = self._stacked(name)  # home rows (adapter inputs: expanded)
+        dst = target.get(name)
+        if dst is None:
+            shape = tuple(rows.shape[1:])
+            dst = self._scratch.get("streamed-out", shape, torch.float32, self.device)
+        resident.merge_rows(stage, name, rows, self._t[name], dst, self._arena, step)
+        return dst
+
+    def _device_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows on the compute device (host-placed rows of a tensor merged whole: copied)."""
+        return rows if rows.device == resident.compute_device(self.device) else rows.to(self.device)
+
     def _runs(
         self, stage: MergeStage, method: Method, target: Mapping[str, torch.Tensor]
-    ) -> Iterator[tuple[list[str], MergeInputs]]:
-        """Each merge call's tensor names and inputs. For an elementwise fused method,
-        consecutive tensors resolved to equal parameters whose targets are consecutive in
-        one float32 buffer form one call on the flat columns: with scalar parameters and a
-        packed target (LiveWorkbench packs the model), a whole model in one kernel call."""
+    ) -> Iterator[tuple[list[str], MergeInputs | None]]:
+        """Each merge call's tensor names and inputs (None: merged in row chunks, see
+        _chunked). For an elementwise fused method, consecutive tensors resolved to equal
+        parameters whose targets are consecutive in one float32 buffer form one call on the
+        flat columns: with scalar parameters and a packed target (LiveWorkbench packs the
+        model), a whole model in one kernel call."""
         if self._lowrank is not None:  # no flat columns of every input: one tensor a call
             for name in self._rows:
+                if self.chunk_rows(method.name, name) is not None:
+                    yield [name], None
+                    continue
                 inputs = inputs_for_rows(stage, name, self._stacked(name), self._t[name])
                 yield [name], self._joined([name], inputs, method, target)
             return
@@ -278,6 +269,12 @@ class CandidateMerger:
         run: list[str] = []
         key, resolved = None, None
         for name, rows in self._rows.items():
+            if self.chunk_rows(method.name, name) is not None:
+                if run:
+                    yield run, self._joined(run, resolved, method, target)
+                run, key, resolved = [], None, None
+                yield [name], None
+                continue
             if uniform and resolved is not None:
                 inputs, k = resolved, key
             else:
@@ -318,6 +315,7 @@ class CandidateMerger:
         if len(run) == 1:
             # the tensor's own rows (inputs may be a uniform run's, resolved for another)
             rows = self._rows[first] if self._lowrank is None else inputs.models
+            rows = self._device_rows(rows)
             if not method.fused and rows.dtype != torch.float32:
                 rows = rows.to(torch.float32)
             out = _writable(target.get(first), rows.shape[1:], rows.device)
@@ -392,6 +390,5 @@ class CandidateMerger:
         return dense + (0 if self._lowrank is None else self._lowrank.nbytes())
 
     def nbytes(self) -> int:
-        """Resident bytes: inputs, task vectors and cached mask statistics."""
-        deltas = sum(x.numel() * x.element_size() for x in self._deltas.values())
-        return self.resident_bytes + deltas + self.cache.nbytes()
+        """Resident bytes: inputs and cached mask statistics."""
+        return self.resident_bytes + self.cache.nbytes()

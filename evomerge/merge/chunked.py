@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from evomerge.common.device import torch_threads
 from evomerge.merge import sparsify as sp
 from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
 from evomerge.merge.memory import TWO_PASS
@@ -34,16 +35,18 @@ Write = Callable[[int, torch.Tensor], None]  # (first row, merged rows)
 
 class Arena:
     """Reused flat buffers, one per (role, dtype), grown to the largest request: chunks of
-    every tensor shape share them (Buffers would keep one per shape)."""
+    every tensor shape share them (Buffers would keep one per shape); on `device` (the
+    CPU for disk merges, the compute device for in-place candidates)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.device = device
 
     def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape)
         buf = self._flat.get((role, dtype))
         if buf is None or buf.numel() < n:
-            buf = self._flat[role, dtype] = torch.empty(n, dtype=dtype)
+            buf = self._flat[role, dtype] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n].view(shape)
 
 
@@ -74,7 +77,11 @@ def merge_chunked(
         return
     if not method.elementwise and method.function.endswith(":gta_method"):
         opts = dict(method.options)
-        gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena)
+
+        def head() -> MergeInputs:  # the parameters need one row, not a chunk's read
+            return build_inputs(stage, name, *read(0, 1), t)
+
+        gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena, head)
         return
     for r0 in range(0, shape[0], step):
         models, base = read(r0, min(r0 + step, shape[0]))
@@ -96,10 +103,11 @@ def _two_pass(method: str, chunks: Chunks, write: Write) -> None:
 
 def gta_chunked(
     kind: str | None, consensus: str | None, shape: tuple[int, ...], chunks: Chunks,
-    write: Write, arena: Arena,
+    write: Write, arena: Arena, head: Callable[[], MergeInputs] | None = None,
 ) -> None:  # fmt: skip
-    """gta() of methods.py over row chunks: the same bits, a few chunks of memory."""
-    _, first = next(chunks())
+    """gta() of methods.py over row chunks: the same bits, a few chunks of memory.
+    head(): inputs of a few rows, for the parameters (default: the first chunk's)."""
+    first = head() if head is not None else next(chunks())[1]
     su = setup(first, kind, consensus)
     idx, bi, prm, m = first.non_base_rows(), first.base_index, first.params, len(su.dens)
     if not idx:
@@ -107,28 +115,41 @@ def gta_chunked(
             write(r0, inp.base.to(torch.float32))
         return
     n, cols = math.prod(shape), shape[1]
-    keep, firsts = _keep_all_rows(kind, su, idx, n, cols, chunks, first.tensor_name)
+    keep, firsts = _keep_all_rows(kind, su, idx, bi, n, cols, chunks, first.tensor_name, arena)
     p = torch.tensor(su.head + keep, dtype=torch.float32)
     masked = [kind is not None and d < 1 for d in su.dens]
     if prm.get("rescale") and any(masked):
-        p[m : 2 * m] = torch.tensor(_factors(su, idx, bi, masked, p, firsts, chunks, n))
+        p[m : 2 * m] = torch.tensor(_factors(su, idx, bi, masked, p, firsts, chunks, n, arena))
     for r0, inp in chunks():
         x = inp.models.reshape(inp.models.shape[0], -1)
         a = _offset(r0, inp)
         out = arena.get("out", tuple(inp.base.shape), torch.float32)
-        stats = _stats(kind, inp, idx, bi, x, a, n)
+        stats = _stats(kind, inp, idx, bi, x, a, n, arena)
         EAGER.gta(su.spec, out.view(-1), x, stats, p, firsts, offset=a)
         write(r0, out)
 
 
-def _mags(inp: MergeInputs, idx: list[int], bi: int) -> tuple[torch.Tensor, ...]:
-    """|models[row] - base| of each merged row, flat float32 (as gta's _Row.mag)."""
+MAG_BLOCK = 1 << 18  # entries of |delta| made at a time for the selection passes
+
+
+def _mags(inp: MergeInputs, idx: list[int], bi: int, arena: Arena) -> Iterator[tuple]:
+    """|models[row] - base| of each merged row, flat float32 (as gta's _Row.mag), in
+    consecutive blocks of MAG_BLOCK entries written into reused buffers: a block's
+    arithmetic stays in cache and allocates nothing (each block is used up before the
+    next is made)."""
     x = inp.models.reshape(inp.models.shape[0], -1)
-    base = x[bi].to(torch.float32)
-    return tuple(x[i].to(torch.float32, copy=True).sub_(base).abs_() for i in idx)
+    for a in range(0, x.shape[1], MAG_BLOCK):
+        b = min(a + MAG_BLOCK, x.shape[1])
+        base = arena.get("mag_base", (b - a,), torch.float32).copy_(x[bi, a:b])
+        yield tuple(
+            arena.get(f"mag{j}", (b - a,), torch.float32).copy_(x[i, a:b]).sub_(base).abs_()
+            for j, i in enumerate(idx)
+        )
 
 
-def _keep_all_rows(kind, su: Setup, idx, n, cols, chunks: Chunks, name) -> tuple[list, list]:
+def _keep_all_rows(
+    kind, su: Setup, idx, bi: int, n, cols, chunks: Chunks, name, arena: Arena
+) -> tuple[list, list]:
     """Keep arguments of every row: the positions keep_numbers asks for are collected first
     (they do not depend on the data), then every cut comes from one streaming selection."""
     if kind is None:
@@ -146,9 +167,9 @@ def _keep_all_rows(kind, su: Setup, idx, n, cols, chunks: Chunks, name) -> tuple
         keep_numbers(kind, su.dens[j], su.extras[j], n, cols, record(j), (name, idx[j]))
     found = {}
     if asked:
-        bi = next(chunks())[1].base_index
-        streams = lambda: (_mags(inp, idx, bi) for _, inp in chunks())  # noqa: E731
-        found = dict(zip(asked, sp.magnitude_cuts(streams, asked), strict=True))
+        streams = lambda: (m for _, inp in chunks() for m in _mags(inp, idx, bi, arena))  # noqa: E731
+        with torch_threads(1):  # ops on blocks: a parallel region each costs what it saves
+            found = dict(zip(asked, sp.magnitude_cuts(streams, asked), strict=True))
 
     def lookup(j: int):
         def cut(pos: int):
@@ -173,22 +194,27 @@ def _below(thr: float) -> float:
     return below(thr)
 
 
-def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int) -> list:
-    """The chunk's slice of each row's draws (and DELLA ranks, which are per row)."""
+def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int, arena: Arena) -> list:
+    """The chunk's slice of each row's draws (and DELLA ranks, which are per row), made in
+    reused buffers (valid until the next chunk's)."""
     if kind not in ("random", "della"):
         return [[] for _ in idx] if kind is not None else []
     out = []
-    for i in idx:
-        draws = sp.draws(inp.seed, inp.tensor_name, i, n, x.device, a, a + x.shape[1])
+    length = x.shape[1]
+    for j, i in enumerate(idx):
+        buf = arena.get(f"draws{j}", (2, length), torch.uint8) if x.is_cpu else None
+        draws = sp.draws(inp.seed, inp.tensor_name, i, n, x.device, a, a + length, out=buf)
         if kind == "della":
-            mag = (x[i].to(torch.float32) - x[bi].to(torch.float32)).abs_()
-            out.append([draws, sp.della_ranks(mag.view(inp.base.shape))])
+            mag = arena.get("della_mag", (length,), torch.float32).copy_(x[i]).sub_(x[bi])
+            out.append([draws, sp.della_ranks(mag.abs_().view(inp.base.shape))])
         else:
             out.append([draws])
     return out
 
 
-def _factors(su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int) -> list[float]:
+def _factors(
+    su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int, arena: Arena
+) -> list[float]:
     """Rescale factors (1.0: none) from two streaming passes: the |x| bounds that fix each
     row's integer unit, then the exact integer-unit L1 norms before and after the mask."""
     bound = [0.0] * (len(idx) + 1)
@@ -202,7 +228,7 @@ def _factors(su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int) -> l
     for r0, inp in chunks():
         x = inp.models.reshape(inp.models.shape[0], -1)
         a = _offset(r0, inp)
-        stats = _stats(kind, inp, idx, bi, x, a, n)
+        stats = _stats(kind, inp, idx, bi, x, a, n, arena)
         b, f = EAGER.l1_before_after(su.spec, x, stats, p, firsts, u, offset=a)
         before = [s + v for s, v in zip(before, b, strict=True)]
         after = [s + v for s, v in zip(after, f, strict=True)]

