@@ -75,13 +75,18 @@ def run_searches(backends: list[str], runs: Path, n_trials: int, seed: int) -> d
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     procs = {b: start_search(b, runs, n_trials, seed) for b in backends}
-    walls = {}
-    for b, proc in procs.items():
-        if proc.wait() != 0:
-            for other in procs.values():
-                other.kill()
-            raise SystemExit(f"{b} search failed: see {runs / f'smollm2_{b}.log'}")
-        walls[b] = time.perf_counter() - t0
+    walls: dict[str, float] = {}
+    while len(walls) < len(procs):  # each search's own end (they run at once)
+        for b, proc in procs.items():
+            rc = proc.poll()
+            if b in walls or rc is None:
+                continue
+            if rc != 0:
+                for other in procs.values():
+                    other.kill()
+                raise SystemExit(f"{b} search failed: see {runs / f'smollm2_{b}.log'}")
+            walls[b] = time.perf_counter() - t0
+        time.sleep(1.0)
     return {b: finish_backend(b, runs, walls[b]) for b in backends}
 
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_vllm_swap import _tensors, _version  # scripts/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 # (name, tensor_parallel_size, transport): "file" = every rank reads whole tensors from the
 # file; "shards" = each rank reads only the slices its loaders read (learned on the first push)
@@ -211,21 +213,6 @@ def _ratios(res: dict) -> None:
     for eng, x in e.items():
         r[f"fresh_engine_over_push_{eng}"] = x["engine_start_fresh_s"] / x["push_median_s"]
     res["ratios"] = r
-
-
-def _tensors(model_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(model_dir / "model.safetensors"))
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 def _write(out: Path, record: dict) -> None:

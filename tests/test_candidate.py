@@ -40,8 +40,8 @@ def _shape(name: str) -> tuple[int, ...]:
     return (16,) if "norm" in name else (24, 16)
 
 
-@pytest.fixture(scope="module")
-def sources() -> dict[str, Source]:
+def make_sources() -> dict[str, Source]:
+    """A base and three models near it (also test_candidate_chunks' inputs)."""
     g = torch.Generator().manual_seed(0)
     base = {n: torch.randn(_shape(n), generator=g) for n in NAMES}
     out = {"base": Source(base)}
@@ -50,6 +50,11 @@ def sources() -> dict[str, Source]:
             {n: x + 0.1 * torch.randn(x.shape, generator=g) for n, x in base.items()}
         )
     return out
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, Source]:
+    return make_sources()
 
 
 def _stage(method: str, params: dict, per_model: list[dict] | None = None, n: int = 3):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_candidate import LAYERS, NAMES, Source, _disk, _shape, _stage
+from test_candidate import LAYERS, NAMES, Source, _disk, _shape, _stage, make_sources
 
 from evomerge.merge import chunked
 from evomerge.merge.candidate import CandidateMerger
@@ -14,6 +14,12 @@ from evomerge.merge.memory import ENV_CHUNK_BYTES, rows_per_chunk
 from evomerge.recipe import InputModel, MergeStage, ModelRef
 
 CHUNK_BYTES = 5 * 16 * 4  # 5 rows of a (24, 16) float32 tensor: 5 chunks, the last short
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, Source]:
+    return make_sources()
+
 
 CASES = [
     ("slerp", {"t": [0.0, 1.0]}, None, 1),
@@ -28,19 +34,6 @@ CASES = [
     ("della", {"weight": 0.5, "density": 0.5, "epsilon": 0.2}, None, 3),
     ("linear", {"weight": [1.0, 0.1]}, None, 3),
 ]
-
-
-@pytest.fixture(scope="module")
-def sources() -> dict[str, Source]:
-    """test_candidate's inputs: a base and three models near it."""
-    g = torch.Generator().manual_seed(0)
-    base = {n: torch.randn(_shape(n), generator=g) for n in NAMES}
-    out = {"base": Source(base)}
-    for i in range(3):
-        out[f"m{i}"] = Source(
-            {n: x + 0.1 * torch.randn(x.shape, generator=g) for n, x in base.items()}
-        )
-    return out
 
 
 @pytest.fixture
