@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
             break
         time.sleep(0.2)
     out = proc.communicate()[0].decode(errors="replace")
+    out = re.sub(r"\S*evomerge-bench-\w+", "<tmp>", out)  # the run's scratch folder
     return {"wall_s": round(time.time() - t0, 1), "rc": proc.returncode,
             "cpu_time_s": round(ticks / os.sysconf("SC_CLK_TCK"), 1),
             "peak_rss_anon_gb": round(peak_anon / 1e9, 3), "vm_hwm_gb": round(peak_hwm / 1e9, 3),
