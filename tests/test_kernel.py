@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import needs_compiler
 
+from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
 from evomerge.merge.kernel import Kernels, Spec
 
@@ -37,7 +38,7 @@ def _args(kind: str | None, x: torch.Tensor):
         for j, pos in enumerate((N // 2, N // 3)):
             cuts = [pos, N - 100] if kind == "breadcrumbs" else [pos]
             for c in cuts:
-                thr, first = sp.magnitude_cut(d[j], c)
+                thr, first = radix.magnitude_cut(d[j], c)
                 below = float(torch.nextafter(torch.tensor(thr), torch.tensor(-1.0)))
                 floats += [thr, below]
                 firsts.append(first)

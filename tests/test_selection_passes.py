@@ -44,12 +44,12 @@ def _deltas(n: int, seed: int) -> torch.Tensor:
 def test_cuts_over_chunks_match_the_sorted_order(monkeypatch, collect):
     # collect buckets of up to 5000 entries (not the 12000+ zeros), or none
     monkeypatch.setattr(rx, "_COLLECT", 5000 if collect else 0)
-    monkeypatch.setattr(rx, "_BLOCK", 1000)  # blocks inside chunks, not aligned with them
+    monkeypatch.setattr(rx, "BLOCK", 1000)  # blocks inside chunks, not aligned with them
     mags = [_deltas(30_011, 0), _deltas(30_011, 1)]
     mags[1][:12_000] = 0.0  # a dense bucket of exact zeros in the second stream
     asked = [(0, 0), (0, 15_005), (0, 29_000), (1, 11_999), (1, 12_000), (1, 20_500), (1, 30_011)]
     passes = [0]
-    got = sp.magnitude_cuts(_stream(mags, 7_777, passes), asked)
+    got = rx.magnitude_cuts(_stream(mags, 7_777, passes), asked)
     for (s, p), cut in zip(asked, got, strict=True):
         assert cut == (_reference(mags[s], p) if p < 30_011 else (float("inf"), 30_011)), (s, p)
     assert passes[0] == 3  # the zeros' bucket (and, without collecting, all) needs pass 3
@@ -58,7 +58,7 @@ def test_cuts_over_chunks_match_the_sorted_order(monkeypatch, collect):
 def test_small_buckets_need_two_passes():
     mag = _deltas(50_000, 2)
     passes = [0]
-    got = sp.magnitude_cuts(_stream([mag], 6_000, passes), [(0, 25_000), (0, 40_000)])
+    got = rx.magnitude_cuts(_stream([mag], 6_000, passes), [(0, 25_000), (0, 40_000)])
     assert got == [_reference(mag, 25_000), _reference(mag, 40_000)]
     assert passes[0] == 2
 

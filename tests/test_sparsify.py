@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
 
 
@@ -37,10 +38,10 @@ def test_magnitude_order_is_stable_ascending_with_ties_by_index():
 def test_magnitude_cut_by_hand():
     x = torch.tensor([0.5, -0.5, 1.0, 0.0, -2.0, 0.5]).abs()
     # stable order of |x|: 3 (0), 0 (.5), 1 (.5), 5 (.5), 2 (1), 4 (2)
-    assert sp.magnitude_cut(x, 0) == (0.0, 3)
-    assert sp.magnitude_cut(x, 2) == (0.5, 1)  # keep index >= 1 among the 0.5s, and above
-    assert sp.magnitude_cut(x, 5) == (2.0, 4)
-    assert sp.magnitude_cut(x, 6) == (math.inf, 6)  # keep nothing
+    assert radix.magnitude_cut(x, 0) == (0.0, 3)
+    assert radix.magnitude_cut(x, 2) == (0.5, 1)  # keep index >= 1 among the 0.5s, and above
+    assert radix.magnitude_cut(x, 5) == (2.0, 4)
+    assert radix.magnitude_cut(x, 6) == (math.inf, 6)  # keep nothing
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -53,7 +54,7 @@ def test_radix_cut_matches_the_sorted_order_with_many_ties(seed):
     idx = torch.arange(x.numel())
     mag = x.abs().reshape(-1)
     for p in (0, 1, 150, 600, 1199, 1200):
-        thr, first = sp.magnitude_cut(x.abs(), p)
+        thr, first = radix.magnitude_cut(x.abs(), p)
         if p < x.numel():
             assert first == int(order[p]) and thr == float(mag[first])
         kept = (mag > thr) | ((mag == thr) & (idx >= first))

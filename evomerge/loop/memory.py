@@ -33,6 +33,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, did_you_mean
 from evomerge.merge.memory import memory_figures
+from evomerge.merge.resident import PLACEMENTS
 from evomerge.merge.table import get_method
 
 GIB = 1 << 30
@@ -46,7 +47,7 @@ _MASK_STATS = {
     "random": {"draws": 2},
     "della": {"draws": 2, "ranks": 2},
 }
-INPUTS = ("auto", "device", "host")  # eval.inputs: where the merger's inputs live
+INPUTS = ("auto", *PLACEMENTS)  # eval.inputs: where the merger's inputs live
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.common.device import torch_threads
+from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
 from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
 from evomerge.merge.memory import TWO_PASS
@@ -129,7 +130,7 @@ def gta_chunked(
         write(r0, out)
 
 
-MAG_BLOCK = 1 << 18  # entries of |delta| made at a time for the selection passes
+MAG_BLOCK = radix.BLOCK  # entries of |delta| made at a time: the selection's block
 
 
 def _mags(inp: MergeInputs, idx: list[int], bi: int, arena: Arena) -> Iterator[tuple]:
@@ -169,7 +170,7 @@ def _keep_all_rows(
     if asked:
         streams = lambda: (m for _, inp in chunks() for m in _mags(inp, idx, bi, arena))  # noqa: E731
         with torch_threads(1):  # ops on blocks: a parallel region each costs what it saves
-            found = dict(zip(asked, sp.magnitude_cuts(streams, asked), strict=True))
+            found = dict(zip(asked, radix.magnitude_cuts(streams, asked), strict=True))
 
     def lookup(j: int):
         def cut(pos: int):

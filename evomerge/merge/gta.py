@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
 from evomerge.merge.kernel import Kernels, Spec
 
@@ -90,12 +91,12 @@ class _Row:
         return cache.get((what, name, self.row, *key), make)
 
     def cut(self, pos: int) -> tuple[list[float], int]:
-        """Keep arguments of "sorted position >= pos" (see sparsify.magnitude_cut)."""
+        """Keep arguments of "sorted position >= pos" (see radix.magnitude_cut)."""
         n = self.x.shape[1]
         if pos >= n:
             return [math.inf, math.inf], n
         if self.inputs.cache is None:
-            thr, first = sp.magnitude_cut(self.mag(), pos)
+            thr, first = radix.magnitude_cut(self.mag(), pos)
         else:  # two lookups in the cached order
             first = int(self.stat("order", lambda: sp.magnitude_order(self.mag()))[pos])
             col = self.x[:, first].to(torch.float32)  # |delta| at `first`, from the rows

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def _bits(mag: torch.Tensor) -> torch.Tensor:
+def mag_bits(mag: torch.Tensor) -> torch.Tensor:
     """Magnitudes as int32 bit patterns: for non-negative floats, integer order = value order
     (and integer keys sort faster than floats)."""
     import torch
@@ -38,7 +38,7 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
 
     The histograms are integer counts, so the answer does not depend on how the tensors
     are cut: bit-identical to magnitude_cut on each whole tensor. Chunks are taken in
-    blocks of _BLOCK entries, so the temporaries stay in cache (a fresh temporary the size
+    blocks of BLOCK entries, so the temporaries stay in cache (a fresh temporary the size
     of a disk chunk costs more in page faults than its arithmetic). A bucket asked for that
     holds at most _COLLECT entries has its entries' (low bits, flat index) kept in pass 2,
     so the third pass runs only for larger buckets (e.g. the exact zeros of sparse deltas).
@@ -67,7 +67,7 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
                 if (s, b) in kept:
                     kept[s, b].append(_bucket_entries(blk, b, a + o, n))
                 else:
-                    low[s, b] += _low_hist(_bits(blk), b, dense[s, b])
+                    low[s, b] += _low_hist(mag_bits(blk), b, dense[s, b])
         a += cs[0].numel()
     found = {sb: _gather(v) for sb, v in kept.items()}
     for sb, (vals, _) in found.items():
@@ -85,7 +85,7 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
         return out
     for cs in chunks():  # pass 3: the flat index of that entry
         for i in [i for i in seen if seen[i] >= 0]:
-            eq = _bits(cs[where[i][0]]) == value[i]
+            eq = mag_bits(cs[where[i][0]]) == value[i]
             hits = int(torch.count_nonzero(eq))  # indices only in the chunk that holds it
             if seen[i] + hits > rank[i]:
                 out[i], seen[i] = (_float_of(value[i]), a + _nth_true(eq, rank[i] - seen[i])), -1
@@ -97,15 +97,15 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
     return out
 
 
-_BLOCK = 1 << 18  # entries per block of the histogram passes (a few hundred KB of temporaries)
+BLOCK = 1 << 18  # entries per block of the histogram passes (a few hundred KB of temporaries)
 _COLLECT = 1 << 22  # a target bucket this small is collected in pass 2 (8 bytes per entry)
 _LITTLE = sys.byteorder == "little"
 
 
 def _blocks(c: torch.Tensor):
-    """(offset, block) over a flat tensor, _BLOCK entries at a time."""
-    for o in range(0, c.numel(), _BLOCK):
-        yield o, c[o : o + _BLOCK]
+    """(offset, block) over a flat tensor, BLOCK entries at a time."""
+    for o in range(0, c.numel(), BLOCK):
+        yield o, c[o : o + BLOCK]
 
 
 def _high16(blk: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def _high16(blk: torch.Tensor) -> torch.Tensor:
 
     if _LITTLE:
         return blk.contiguous().view(torch.int16)[1::2]
-    return (_bits(blk) >> 16).to(torch.int16)
+    return (mag_bits(blk) >> 16).to(torch.int16)
 
 
 def _high_hist(c: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _bucket_entries(blk: torch.Tensor, b: int, a: int, n: int) -> tuple[torch.Te
     # on a sparse mask (0.2 against 1 ns per entry, measured here)
     import torch
 
-    bits = _bits(blk)
+    bits = mag_bits(blk)
     if bits.device.type != "cpu":
         at = torch.nonzero((bits >> 16) == b).view(-1)
         return (bits[at] & 0xFFFF).cpu(), at.add_(a).cpu()

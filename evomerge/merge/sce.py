@@ -4,7 +4,7 @@ mergekit 0.1.5 `sce_merge`: keep the int(select_topk * #nonzero) entries whose t
 vary most across the models, weight each model by the mean square of its kept deltas, and
 average the deltas whose sign agrees with their summed sign. Three whole-tensor numbers,
 each taken in streaming passes with an order-free definition: the nonzero count (an
-integer), the variance cut (sparsify.magnitude_cuts: an exact radix selection; entries
+integer), the variance cut (radix.magnitude_cuts: an exact radix selection; entries
 equal at the cut are kept from the highest flat index down, as a stable ascending sort
 would) and the squared norms (gram.py). Per-entry sums over the models run in model order.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from evomerge.merge import sparsify as sp
+from evomerge.merge import radix
 from evomerge.merge.gram import Gram
 from evomerge.merge.twopass import one_chunk, task_vectors
 
@@ -78,7 +78,7 @@ def _variance_cut(chunks: Chunks, topk: float) -> Cut:
     if k == 0:
         return math.inf, n
     streams = lambda: ((_variance(task_vectors(inp)).reshape(-1),) for _, inp in chunks())  # noqa: E731
-    return sp.magnitude_cuts(streams, [(0, n - k)])[0]
+    return radix.magnitude_cuts(streams, [(0, n - k)])[0]
 
 
 def _selected(inp: MergeInputs, r0: int, cut: Cut | None) -> list[torch.Tensor]:

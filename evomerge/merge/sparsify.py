@@ -5,7 +5,7 @@ entry by entry in `kernel.py`. What makes the search fast: everything that depen
 the data is computed once per (tensor, model row) and kept in a `SparsifyCache`:
 
 - magnitude order: the stable ascending order of |delta|, so a TIES/breadcrumbs density is
-  a threshold (`magnitude_cut`: two lookups) instead of a new sort per trial; un-cached
+  a threshold (`radix.magnitude_cut`: two lookups) instead of a new sort per trial; un-cached
   (disk) merges find the same threshold by a radix selection, without sorting;
 - DARE / DELLA draws: 16-bit uniform integers keyed by (seed, tensor name, row), so a mask
   for density d is `draw < d * 65536` -- common random numbers across trials, and the same
@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from evomerge.merge.radix import _bits, magnitude_cut, magnitude_cuts  # noqa: F401 (sp.*)
+from evomerge.merge.radix import mag_bits
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ def magnitude_order(mag: torch.Tensor) -> torch.Tensor:
     """Flat indices of mag = |delta| in a stable ascending sort (int32 when they fit), 1-D."""
     import torch
 
-    order = torch.argsort(_bits(mag), stable=True)
+    order = torch.argsort(mag_bits(mag), stable=True)
     return order.to(torch.int32) if order.numel() < 2**31 else order
 
 
