@@ -111,6 +111,19 @@ def _result(per: dict[str, dict[int, float]], complete: bool) -> FakeResult:
     return FakeResult(per, tasks, complete)
 
 
+def poll_trials(study: str, storage: str) -> list:
+    """The study's trials as a test polls them while searches run; [] while the study does not
+    exist yet or a search is still creating its schema (a poll racing that creation is retried by
+    the next poll, not a failure)."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return optuna.load_study(study_name=study, storage=storage).get_trials()
+    except (KeyError, SQLAlchemyError):
+        return []
+
+
 def kill_while_running(victim: subprocess.Popen, trials: Callable[[], list]) -> Any:
     """SIGKILL `victim` once one of its trials is RUNNING and has sent a heartbeat or two;
     returns that trial (as it was while running)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _search_fakes import fake_space, spawn_with_fakes
+from _search_fakes import fake_space, poll_trials, spawn_with_fakes
 
 from evomerge.cli import main
 
@@ -156,16 +156,9 @@ def _spawn_search(tmp_path: Path, sleep: float) -> subprocess.Popen:
 
 
 def _complete(tmp_path: Path) -> dict[int, tuple[dict, float]]:
-    import optuna
-
     db = tmp_path / "r" / "space" / "study.db"
-    if not db.exists():
-        return {}
-    try:
-        study = optuna.load_study(study_name="space", storage=f"sqlite:///{db}")
-    except KeyError:
-        return {}
-    return {t.number: (t.params, t.value) for t in study.get_trials() if t.state.name == "COMPLETE"}
+    trials = poll_trials("space", f"sqlite:///{db}") if db.exists() else []
+    return {t.number: (t.params, t.value) for t in trials if t.state.name == "COMPLETE"}
 
 
 @pytest.mark.slow  # four subprocesses, three killed (~40 s on a loaded machine)

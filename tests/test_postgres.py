@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _search_fakes import fake_space, kill_while_running, spawn_with_fakes
+from _search_fakes import fake_space, kill_while_running, poll_trials, spawn_with_fakes
 
 optuna = pytest.importorskip("optuna")
 PG_URL = os.environ.get("EVOMERGE_TEST_PG_URL")
@@ -46,10 +46,7 @@ def _spawn(tmp_path: Path, study: str, n: int, sleep: float) -> subprocess.Popen
 
 
 def _trials(study: str) -> list:
-    try:
-        return optuna.load_study(study_name=study, storage=PG_URL).get_trials()
-    except KeyError:
-        return []
+    return poll_trials(study, PG_URL)
 
 
 def _counted(study: str) -> list:

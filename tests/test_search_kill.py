@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _search_fakes import poll_trials
 from test_eval_support import build_tiny_model, mc_records, write_task
 
 N_TRIALS = 12
@@ -51,15 +52,8 @@ def _spawn(space: Path, results: Path, *extra: str) -> subprocess.Popen:
 
 
 def _trials(results: Path) -> list:
-    import optuna
-
     db = results / "kc" / "study.db"
-    if not db.exists():
-        return []
-    try:
-        return optuna.load_study(study_name="kc", storage=f"sqlite:///{db}").get_trials()
-    except Exception:  # not created yet, or its schema half-made by a process just killed
-        return []
+    return poll_trials("kc", f"sqlite:///{db}") if db.exists() else []
 
 
 def _complete(results: Path) -> dict[int, tuple[tuple, float]]:
