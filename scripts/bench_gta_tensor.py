@@ -59,16 +59,22 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=3584)
     ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"])
     ap.add_argument("--top", type=int, default=18, help="profile lines per method (0: none)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="run the per-entry passes compiled (each method twice: the first "
+                    "run compiles)")  # fmt: skip
     args = ap.parse_args()
     from evomerge.cli import main as cli
-    from evomerge.merge import engine
+    from evomerge.merge import chunked, engine
 
     engine._workers = lambda device: 1  # one tensor: merge it in this thread, profiled
+    if args.compiled:
+        chunked.DISK_COMPILE_MIN_ENTRIES = 0
 
     work = Path(tempfile.mkdtemp(prefix="evomerge-gta-"))
     try:
         models = write_models(work, args.rows, args.cols)
-        for method in args.methods:
+        runs = [m for m in args.methods for _ in range(2 if args.compiled else 1)]
+        for method in runs:
             r = recipe(method, models, work / f"{method}.yaml")
             out = work / "out"
             prof = cProfile.Profile()

@@ -42,9 +42,9 @@ def spy(monkeypatch):
     calls: list[tuple[str, int]] = []
     real = chunked.merge_chunked
 
-    def record(stage, name, shape, t, read, write, arena, step):
+    def record(stage, name, shape, t, read, write, arena, step, kernels):
         calls.append((name, step))
-        return real(stage, name, shape, t, read, write, arena, step)
+        return real(stage, name, shape, t, read, write, arena, step, kernels)
 
     monkeypatch.setattr(chunked, "merge_chunked", record)
     monkeypatch.setenv(ENV_CHUNK_BYTES, str(CHUNK_BYTES))

@@ -103,6 +103,50 @@ def test_two_pass_merges_any_chunk_size(case, rows, models, tmp_path, monkeypatc
     assert _merge(recipe, tmp_path / "chunked", monkeypatch, rows * 192) == whole
 
 
+@pytest.mark.parametrize("case", sorted({*_VARIANTS, "sce", "model_stock", "multislerp"}))
+def test_row_blocks_inside_chunks_give_the_same_bytes(case, models, tmp_path, monkeypatch):
+    """The dot-product methods and sce work through each chunk in row blocks (twopass.py):
+    blocks of 2 rows (and a ragged last one) inside chunks of 5 give the unblocked bytes."""
+    from evomerge.merge import twopass
+
+    recipe = _recipe(case, models, tmp_path / "r.yaml")
+    monkeypatch.setattr(twopass, "BLOCK", 1 << 30)
+    whole = _merge(recipe, tmp_path / "whole", monkeypatch, 1 << 30)
+    monkeypatch.setattr(twopass, "BLOCK", 2 * 48)
+    assert _merge(recipe, tmp_path / "blocks", monkeypatch, 5 * 192 + 7) == whole
+
+
+@pytest.mark.slow  # compiles one to three inductor kernels per method (~10 s each, cold)
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_disk_passes_give_the_eager_bytes(case, dtype, tmp_path, monkeypatch):
+    """A large merge runs the task-arithmetic passes compiled (chunked.disk_kernels): with
+    the size bar lowered, the CLI merge in row chunks (cut positions, draws and rescale
+    norms crossing chunk boundaries) gives the bytes of the eager whole-tensor merge."""
+    import torch
+
+    from evomerge.merge import chunked
+
+    torch_dtype = getattr(torch, dtype)
+    ms = [write_tiny_model(tmp_path / f"m{i}", seed=i, hidden=48, dtype=torch_dtype)
+          for i in range(3)]  # fmt: skip
+    recipe = _recipe(case, ms, tmp_path / "r.yaml")
+    recipe.write_text(recipe.read_text().replace("dtype: float32", f"dtype: {dtype}"))
+    whole = _merge(recipe, tmp_path / "whole", monkeypatch, 1 << 30)
+    calls: list[bool] = []
+    real = chunked.disk_kernels
+
+    def spy(*args):
+        kernels = real(*args)
+        calls.append(kernels.compiled)
+        return kernels
+
+    monkeypatch.setattr(chunked, "DISK_COMPILE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(chunked, "disk_kernels", spy)
+    assert _merge(recipe, tmp_path / "compiled", monkeypatch, 5 * 192 + 7) == whole
+    assert calls == [True]
+
+
 def test_bad_chunk_size_is_a_config_error(models, tmp_path, monkeypatch, capsys):
     recipe = _recipe("linear", models, tmp_path / "r.yaml")
     monkeypatch.setenv("EVOMERGE_CHUNK_BYTES", "lots")

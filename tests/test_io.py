@@ -64,6 +64,31 @@ def test_nan_in_source_is_reported(tiny_model):
         r.get_tensor("model.layers.0.mlp.down_proj.weight")  # the others still read
 
 
+def test_row_chunks_are_checked_once_and_every_row_is_checked(tiny_model, monkeypatch):
+    """Multi-pass merges read each row chunk several times: rows 0.. checked once are not
+    checked again, but a chunk read out of order (or a row not yet checked) always is."""
+    path = tiny_model()
+    name = "model.layers.0.mlp.up_proj.weight"
+    sd = load_file(str(path / "model.safetensors"))
+    sd[name][13, 1] = float("nan")
+    save_file(sd, str(path / "model.safetensors"))
+    with open_checkpoint(path) as r:
+        checks: list[int] = []
+        real = r._check_finite
+        monkeypatch.setattr(r, "_check_finite", lambda n, t: (checks.append(len(t)), real(n, t)))
+        buf = torch.empty(4, *r.shape(name)[1:])
+        for r0 in (0, 4, 0, 4):  # a second pass over rows 0..8: checked already
+            r.read_rows_into(name, r0, buf)
+        assert checks == [4, 4]
+        with pytest.raises(MergeError, match="contains NaN or inf"):
+            r.read_rows_into(name, 12, buf[:2])  # out of order: checked all the same
+        r.read_rows_into(name, 8, buf)
+        assert checks == [4, 4, 2, 4]
+        for _ in range(2):  # a chunk that failed is checked again on every read
+            with pytest.raises(MergeError, match="contains NaN or inf"):
+                r.read_rows_into(name, 12, buf[:2])
+
+
 def test_large_finite_values_are_not_reported(tiny_model):
     """Finite weights whose sum overflows float32 are still finite (no false NaN/inf error)."""
     path = tiny_model()

@@ -7,6 +7,8 @@ full matrix of mask kinds is marked slow.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import needs_compiler
@@ -114,3 +116,52 @@ def test_eager_chunks_equal_one_whole_pass(monkeypatch):
         Kernels().gta(spec, out, x, stats, p, firsts)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_compile
+def test_della_masks_made_once_give_the_same_bits_and_norms():
+    """The disk path makes DARE / DELLA keep-masks once (keep_masks) and applies them as a
+    "given" mask in the norm pass and the last pass: the same bits as the draws and ranks,
+    compiled or eager, and one fused norm pass gives masked_l1's unmasked and masked sums."""
+    from dataclasses import replace
+
+    spec = Spec("della", True, True, (1, 2), 0)
+    x = _inputs()
+    stats, floats, firsts = _args("della", x)
+    p = torch.tensor([0.6, 0.9, 1.25, 0.75, 1.1, 1.5, *floats], dtype=torch.float32)
+    eager, compiled = Kernels(compiled=False), Kernels(compiled=True)
+    masks = {k: [torch.empty(N, dtype=torch.uint8) for _ in range(2)] for k in ("e", "c")}
+    eager.keep_masks(spec, masks["e"], stats, p)
+    compiled.keep_masks(spec, masks["c"], stats, p)
+    assert all(torch.equal(a, b) for a, b in zip(masks["e"], masks["c"], strict=True))
+    assert 0.2 < float(masks["e"][0].float().mean()) < 0.5  # density 0.3 +- eps: a real mask
+    given, kept = replace(spec, kind="given"), [[m] for m in masks["e"]]
+    units = torch.tensor([2.0**30, 2.0**31])
+    norms = eager.l1_before_after(spec, x, stats, p, firsts, units)
+    assert eager.l1_before_after(given, x, kept, p, firsts, units) == norms
+    assert compiled.l1_before_after(given, x, kept, p, firsts, units) == norms
+    unmasked = eager.masked_l1(replace(spec, kind=None), x, stats, p, firsts, units)
+    assert norms == (unmasked, eager.masked_l1(spec, x, stats, p, firsts, units))
+    out_e, out_c = torch.empty(N), torch.full((N,), float("nan"))
+    eager.gta(spec, out_e, x, stats, p, firsts)
+    compiled.gta(given, out_c, x, kept, p, firsts)
+    assert torch.equal(out_e.view(torch.int32), out_c.view(torch.int32))
+
+
+def test_a_compile_under_way_in_another_thread_runs_eagerly_meanwhile():
+    """A disk merge's second worker does not wait ~10 s for the first one's compile: it
+    runs that call eagerly (same bits) and compiles nothing itself."""
+    import evomerge.merge.kernel as kernel
+
+    x = _inputs(torch.bfloat16)
+    p = torch.tensor([0.3, 0.5, 0.25, 1.05])
+    spec = Spec(None, False, True, (2, 0, 1), None)  # a kernel no other test compiled
+    out_e, out_c = torch.empty(N), torch.full((N,), float("nan"))
+    Kernels(compiled=False).linear(spec, out_e, x, p)
+    worker = threading.Thread(target=Kernels(compiled=True).linear, args=(spec, out_c, x, p))
+    with kernel._FIRST_CALL:  # another thread is compiling
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive()  # it did not wait for the lock
+    assert torch.equal(out_e.view(torch.int32), out_c.view(torch.int32))
+    assert not [k for k in kernel._WARM if k[1] == spec]

@@ -1,7 +1,8 @@
 """The disk path's streaming selection (radix.py) and draws: same answers, fewer passes.
 
 magnitude_cuts collects a small target bucket's entries in its second pass and skips the
-third; a large bucket (exact zeros) still takes three. draws(out=...) fills a chunk's
+third; a large bucket (exact zeros) still takes three, unless the whole stream is one value
+(a tensor a model left as the base: one pass for all-zero streams). draws(out=...) fills a chunk's
 buffer a piece at a time with the same bytes as a fresh draw.
 """
 
@@ -61,6 +62,42 @@ def test_small_buckets_need_two_passes():
     got = rx.magnitude_cuts(_stream([mag], 6_000, passes), [(0, 25_000), (0, 40_000)])
     assert got == [_reference(mag, 25_000), _reference(mag, 40_000)]
     assert passes[0] == 2
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_a_stream_of_zeros_takes_one_pass(monkeypatch, collect):
+    monkeypatch.setattr(rx, "_COLLECT", 5000 if collect else 0)
+    monkeypatch.setattr(rx, "BLOCK", 1000)
+    zeros = torch.zeros(30_011)
+    asked = [(0, 0), (0, 15_005), (0, 30_010)]
+    passes = [0]
+    got = rx.magnitude_cuts(_stream([zeros], 7_777, passes), asked)
+    assert (
+        got == [_reference(zeros, p) for _, p in asked] == [(0.0, 0), (0.0, 15_005), (0.0, 30_010)]
+    )
+    assert passes[0] == 1
+    # beside a stream with data, the zeros' cuts come without passes of their own
+    mag = _deltas(30_011, 3)
+    passes = [0]
+    got = rx.magnitude_cuts(_stream([zeros, mag], 7_777, passes), [(0, 20_000), (1, 20_000)])
+    assert got == [_reference(zeros, 20_000), _reference(mag, 20_000)]
+    assert passes[0] == 2 if collect else 3
+
+
+@pytest.mark.parametrize("value", [1e-41, 0.5])  # a denormal (lowest bucket), a normal
+def test_a_stream_of_one_value_skips_pass_three(monkeypatch, value):
+    monkeypatch.setattr(rx, "_COLLECT", 0)
+    monkeypatch.setattr(rx, "BLOCK", 1000)
+    same = torch.full((30_011,), value)
+    passes = [0]
+    got = rx.magnitude_cuts(_stream([same], 7_777, passes), [(0, 12_345)])
+    assert got == [_reference(same, 12_345)] == [(float(same[0]), 12_345)]
+    assert passes[0] == 2
+    same[29_000] = 0.0  # one entry differs: its position has to be found (pass 3)
+    passes = [0]
+    got = rx.magnitude_cuts(_stream([same], 7_777, passes), [(0, 12_345)])
+    assert got == [_reference(same, 12_345)]
+    assert passes[0] == 3
 
 
 @pytest.mark.parametrize(("numel", "start", "stop"), [(1000, 0, 1000), (1000, 3, 517),

@@ -241,7 +241,7 @@ class CandidateMerger:
         if dst is None:
             shape = tuple(rows.shape[1:])
             dst = self._scratch.get("streamed-out", shape, torch.float32, self.device)
-        resident.merge_rows(stage, name, rows, self._t[name], dst, self._arena, step)
+        resident.merge_rows(stage, name, rows, self._t[name], dst, self._arena, step, self.kernels)
         return dst
 
     def _device_rows(self, rows: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +29,7 @@ from evomerge.merge.memory import TWO_PASS
 
 if TYPE_CHECKING:
     from evomerge.merge.contract import MergeInputs
+    from evomerge.merge.kernel import Kernels
 
 Read = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor | None]"]  # rows -> models, base
 Chunks = Callable[[], Iterator[tuple[int, "MergeInputs"]]]  # (first row, inputs of the chunk)
@@ -51,6 +53,25 @@ class Arena:
         return buf[:n].view(shape)
 
 
+# Entries of a disk merge's task-arithmetic tensors from which its per-entry passes run
+# compiled: inductor's fused loop takes ~1.6 ns per entry where eager chunks take ~10, but
+# each kernel costs ~12 s to compile cold (~5 s from inductor's cache), and TIES needs one,
+# DARE / DELLA three (measured on 2 cores: results/bench/merge_memory_7b_compiled.md).
+DISK_COMPILE_MIN_ENTRIES = 1 << 32  # ~4B parameters
+
+
+def disk_kernels(method_name: str, entries: int) -> Kernels:
+    """The kernels a disk merge of `entries` streamed entries runs: compiled for a large
+    merge of the task-arithmetic family where a C++ compiler is at hand, else eager."""
+    from evomerge.merge.kernel import Kernels, compile_available
+    from evomerge.merge.table import get_method
+
+    m = get_method(method_name)
+    gta_family = not m.elementwise and m.function.endswith(":gta_method")
+    big = entries >= DISK_COMPILE_MIN_ENTRIES
+    return Kernels(compiled=True) if gta_family and big and compile_available("cpu") else EAGER
+
+
 def chunkable(method_name: str, shape: tuple[int, ...]) -> bool:
     """Whether a tensor of this shape is merged in row chunks by this method."""
     from evomerge.merge.memory import STREAMED
@@ -60,10 +81,11 @@ def chunkable(method_name: str, shape: tuple[int, ...]) -> bool:
 
 def merge_chunked(
     stage, name: str, shape: tuple[int, ...], t: float, read: Read, write: Write, arena: Arena,
-    step: int,
+    step: int, kernels: Kernels = EAGER,
 ) -> None:  # fmt: skip
     """Merge tensor `name` in chunks of `step` rows: read(r0, r1) gives the listed models'
-    rows (n, r1 - r0, ...) and the unlisted base's (or None); write(r0, merged) stores them."""
+    rows (n, r1 - r0, ...) and the unlisted base's (or None); write(r0, merged) stores them.
+    kernels: how the task-arithmetic family's per-entry passes run (eager or compiled)."""
     from evomerge.merge.resolve import build_inputs, merge_tensor
     from evomerge.merge.table import get_method
 
@@ -82,7 +104,7 @@ def merge_chunked(
         def head() -> MergeInputs:  # the parameters need one row, not a chunk's read
             return build_inputs(stage, name, *read(0, 1), t)
 
-        gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena, head)
+        gta_chunked(opts["kind"], opts["consensus"], shape, chunks, write, arena, head, kernels)
         return
     for r0 in range(0, shape[0], step):
         models, base = read(r0, min(r0 + step, shape[0]))
@@ -105,6 +127,7 @@ def _two_pass(method: str, chunks: Chunks, write: Write) -> None:
 def gta_chunked(
     kind: str | None, consensus: str | None, shape: tuple[int, ...], chunks: Chunks,
     write: Write, arena: Arena, head: Callable[[], MergeInputs] | None = None,
+    kernels: Kernels = EAGER,
 ) -> None:  # fmt: skip
     """gta() of methods.py over row chunks: the same bits, a few chunks of memory.
     head(): inputs of a few rows, for the parameters (default: the first chunk's)."""
@@ -119,15 +142,30 @@ def gta_chunked(
     keep, firsts = _keep_all_rows(kind, su, idx, bi, n, cols, chunks, first.tensor_name, arena)
     p = torch.tensor(su.head + keep, dtype=torch.float32)
     masked = [kind is not None and d < 1 for d in su.dens]
+    spec, given = su.spec, None
     if prm.get("rescale") and any(masked):
-        p[m : 2 * m] = torch.tensor(_factors(su, idx, bi, masked, p, firsts, chunks, n, arena))
-    for r0, inp in chunks():
+        # random masks (DARE, DELLA) are made in the rescale pass and kept as bits for the
+        # last pass: draws and DELLA's per-row sorts once, not twice (1 bit per entry a row)
+        given = [] if kind in ("random", "della") and first.models.is_cpu else None
+        factors = _factors(su, idx, bi, masked, p, firsts, chunks, n, arena, kernels, given)
+        p[m : 2 * m] = torch.tensor(factors)
+        spec = su.spec if given is None else replace(su.spec, kind="given")
+    for c, (r0, inp) in enumerate(chunks()):
         x = inp.models.reshape(inp.models.shape[0], -1)
         a = _offset(r0, inp)
         out = arena.get("out", tuple(inp.base.shape), torch.float32)
-        stats = _stats(kind, inp, idx, bi, x, a, n, arena)
-        EAGER.gta(su.spec, out.view(-1), x, stats, p, firsts, offset=a)
+        if given is None:
+            stats = _stats(kind, inp, idx, bi, x, a, n, arena)
+        else:
+            stats = [[_unpack(bits, x.shape[1])] for bits in given[c]]
+        kernels.gta(spec, out.view(-1), x, stats, p, firsts, offset=a)
         write(r0, out)
+
+
+def _unpack(bits, length: int) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.unpackbits(bits, count=length))
 
 
 MAG_BLOCK = radix.BLOCK  # entries of |delta| made at a time: the selection's block
@@ -202,11 +240,13 @@ def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int, arena: Arena) -> 
         return [[] for _ in idx] if kind is not None else []
     out = []
     length = x.shape[1]
+    if kind == "della":  # float32 operands: a subtraction across dtypes is several times slower
+        base = arena.get("della_base", (length,), torch.float32).copy_(x[bi])
     for j, i in enumerate(idx):
         buf = arena.get(f"draws{j}", (2, length), torch.uint8) if x.is_cpu else None
         draws = sp.draws(inp.seed, inp.tensor_name, i, n, x.device, a, a + length, out=buf)
         if kind == "della":
-            mag = arena.get("della_mag", (length,), torch.float32).copy_(x[i]).sub_(x[bi])
+            mag = arena.get("della_mag", (length,), torch.float32).copy_(x[i]).sub_(base)
             out.append([draws, sp.della_ranks(mag.abs_().view(inp.base.shape))])
         else:
             out.append([draws])
@@ -214,10 +254,14 @@ def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int, arena: Arena) -> 
 
 
 def _factors(
-    su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int, arena: Arena
-) -> list[float]:
+    su: Setup, idx, bi, masked, p, firsts, chunks: Chunks, n: int, arena: Arena, kernels: Kernels,
+    given: list | None = None,
+) -> list[float]:  # fmt: skip
     """Rescale factors (1.0: none) from two streaming passes: the |x| bounds that fix each
-    row's integer unit, then the exact integer-unit L1 norms before and after the mask."""
+    row's integer unit, then the exact integer-unit L1 norms before and after the mask.
+    given: a list to append each chunk's keep-masks to, packed as bits (random kinds)."""
+    import numpy as np
+
     bound = [0.0] * (len(idx) + 1)
     for _, inp in chunks():
         for j, i in enumerate([*idx, bi]):
@@ -225,12 +269,18 @@ def _factors(
     units = [sp.l1_unit(bound[j] + bound[-1]) for j in range(len(idx))]
     u = torch.tensor(units, dtype=torch.float32)
     before, after = [0.0] * len(idx), [0.0] * len(idx)
-    kind = su.spec.kind
+    kind, spec = su.spec.kind, su.spec
     for r0, inp in chunks():
         x = inp.models.reshape(inp.models.shape[0], -1)
         a = _offset(r0, inp)
         stats = _stats(kind, inp, idx, bi, x, a, n, arena)
-        b, f = EAGER.l1_before_after(su.spec, x, stats, p, firsts, u, offset=a)
+        if given is not None:
+            spec = replace(su.spec, kind="given")
+            masks = [arena.get(f"keep{j}", (x.shape[1],), torch.uint8) for j in range(len(idx))]
+            kernels.keep_masks(su.spec, masks, stats, p)
+            given.append([np.packbits(mask.numpy()) for mask in masks])
+            stats = [[mask] for mask in masks]
+        b, f = kernels.l1_before_after(spec, x, stats, p, firsts, u, offset=a)
         before = [s + v for s, v in zip(before, b, strict=True)]
         after = [s + v for s, v in zip(after, f, strict=True)]
     out = []

@@ -11,6 +11,7 @@ the number of models).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import secrets
 import shutil
@@ -143,14 +144,16 @@ def _chunk_rows(item: OutTensor, readers: Mapping[str, CheckpointReader], vocab)
     return step if step < item.shape[0] else None
 
 
-def _merge_in_chunks(item, readers, arena, lock, step: int, write) -> None:
+def _merge_in_chunks(item, readers, arena, lock, step: int, write, kernels) -> None:
     """Merge `item` chunk by chunk (reads hold `lock`); write(r0, rows) stores each."""
+    from evomerge.common.heap import release_free_memory
     from evomerge.merge.chunked import merge_chunked
 
     n = len(item.sources)
     dtype = _input_dtype(item, readers)
 
     def read(r0: int, r1: int):
+        release_free_memory()  # the heap's free pages, past a limit (common/heap.py)
         stacked = arena.get(
             "models", (n + (item.base is not None), r1 - r0, *item.shape[1:]), dtype
         )
@@ -161,7 +164,7 @@ def _merge_in_chunks(item, readers, arena, lock, step: int, write) -> None:
                 readers[item.base[0]].read_rows_into(item.base[1], r0, stacked[n])
         return stacked[:n], (stacked[n] if item.base is not None else None)
 
-    merge_chunked(item.stage, item.name, item.shape, item.t, read, write, arena, step)
+    merge_chunked(item.stage, item.name, item.shape, item.t, read, write, arena, step, kernels)
 
 
 def _workers(device: torch.device) -> int:
@@ -206,8 +209,8 @@ def merge_stage(
     from tqdm.auto import tqdm
 
     from evomerge.common.device import torch_threads
-    from evomerge.merge.chunked import Arena
-    from evomerge.merge.pipeline import ordered_map
+    from evomerge.merge.chunked import Arena, disk_kernels
+    from evomerge.merge.pipeline import slot_map
     from evomerge.recipe.check import validate_layer_ranges
 
     readers = _open_all(stage, stages, allow_pickle, trust_remote_code)
@@ -237,12 +240,16 @@ def merge_stage(
         arenas = [Arena() for _ in range(workers)]  # row chunks (CPU only)
         lock = threading.Lock()
         out: list[CheckpointWriter] = []
+        steps = {it.name: _chunk_rows(it, readers, vocab) if device.type == "cpu" else None
+                 for it in items}  # fmt: skip
+        streamed = sum(math.prod(it.shape) for it in items if steps[it.name] is not None)
+        kernels = disk_kernels(stage.merge_method, streamed)
 
         def merge(it: OutTensor, slot: int) -> tuple[OutTensor, torch.Tensor | None]:
-            step = _chunk_rows(it, readers, vocab) if device.type == "cpu" else None
+            step = steps[it.name]
             if step is not None:  # written chunk by chunk from this thread
                 write = lambda r0, t: out[0].write_rows(it.name, r0, t)  # noqa: E731
-                _merge_in_chunks(it, readers, arenas[slot], lock, step, write)
+                _merge_in_chunks(it, readers, arenas[slot], lock, step, write, kernels)
                 return it, None
             bufs, scratch = slots[slot]
             return it, _merge_one(it, readers, bufs, scratch, vocab, dtype, lock)
@@ -253,7 +260,9 @@ def merge_stage(
         ):
             writer.plan([(it.name, it.shape) for it in items])
             out.append(writer)
-            merged_items = ordered_map(merge, items, workers)
+            # largest first: the last tensors to finish are small ones, not lm_head alone
+            by_size = sorted(items, key=lambda it: -math.prod(it.shape))
+            merged_items = slot_map(merge, by_size, workers)
             for it, merged in tqdm(merged_items, total=len(items), desc=label, unit="tensor",
                                    disable=not progress):  # fmt: skip
                 if merged is not None:

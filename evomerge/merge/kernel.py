@@ -24,11 +24,12 @@ firsts are the `first` indices of magnitude cuts (ints eagerly, an int64 tensor 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-NKEEP = {None: 0, "magnitude": 2, "breadcrumbs": 4, "random": 1, "della": 2}
+NKEEP = {None: 0, "magnitude": 2, "breadcrumbs": 4, "random": 1, "della": 2, "given": 0}
 DRAW_SCALE = 1.0 / 65536  # a 16-bit draw r stands for the uniform number r / 65536
 CHUNK = 1 << 17  # entries per eager chunk on the CPU: intermediates stay in L2
 _COMPILE_OPTIONS = {  # what the bit-for-bit agreement with eager relies on
@@ -41,7 +42,8 @@ _COMPILE_OPTIONS = {  # what the bit-for-bit agreement with eager relies on
 class Spec:
     """The static part of a merge kernel (a compiled kernel is specialized on it).
 
-    kind: the keep-mask: None, "magnitude", "breadcrumbs", "random" (DARE), "della"
+    kind: the keep-mask: None, "magnitude", "breadcrumbs", "random" (DARE), "della", or
+        "given" (each row's stats are its mask, uint8 1/0: a random mask made once, keep_mask)
     consensus: TIES sign election (mergekit's consensus "sum")
     normalize: divide by the summed weights (with consensus: of the rows that agree)
     rows: rows of x holding the merged models; base: the base row (None for linear)
@@ -106,7 +108,17 @@ def _keep(kind: str, d, st: Sequence, p, o: int, firsts, j: int, a: int):
         return _flag(torch.lt, _u16(st[0]), p[o])
     if kind == "della":  # keep u < rank * c1 + c0 (c1 = 2 eps / (n - 1), c0 = density - eps)
         return _flag(torch.lt, _u16(st[0]) * DRAW_SCALE, _u16(st[1]) * p[o] + p[o + 1])
+    if kind == "given":
+        return st[0].to(torch.float32)
     raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def _masks_into(spec: Spec, outs, stats, p) -> None:
+    """Each row's keep-mask of a random kind (DARE, DELLA) as uint8 1/0 into outs[j]: what
+    gta_entries applies, for a Spec of kind "given" to apply later (the draws and ranks
+    are then made once, not once per pass)."""
+    for j, out in enumerate(outs):
+        out.copy_(_keep(spec.kind, None, stats[j], p, _keep_offset(spec, j), [], j, 0))
 
 
 def _keep_offset(spec: Spec, j: int) -> int:
@@ -186,8 +198,19 @@ def _gta_whole(spec: Spec, out, x, stats, p, firsts) -> None:
     out.copy_(gta_entries(spec, x, stats, p, firsts, 0))
 
 
+def _masks_whole(spec: Spec, outs, stats, p) -> None:
+    _masks_into(spec, outs, stats, p)
+
+
 def _l1_whole(spec: Spec, x, stats, p, firsts, units):
     return [l1_entries(spec, x, j, stats, p, firsts, 0, units[j]).sum() for j in range(len(units))]
+
+
+def _l1_pair_whole(spec: Spec, x, stats, p, firsts, units):
+    """(unmasked, masked) L1 sums of every row in one fused pass."""
+    return _l1_whole(replace(spec, kind=None), x, stats, p, firsts, units), _l1_whole(
+        spec, x, stats, p, firsts, units
+    )
 
 
 def _linear_whole(spec: Spec, out, x, p) -> None:
@@ -195,6 +218,9 @@ def _linear_whole(spec: Spec, out, x, p) -> None:
 
 
 _COMPILED: dict[tuple, Callable[..., Any]] = {}  # (entry function, Spec) -> compiled, per process
+_WARM: set[tuple] = set()  # (entry function, Spec, argument dtypes) called once already
+_FIRST_CALL = threading.Lock()
+BUSY = object()  # what Kernels._call answers while another thread compiles
 
 
 class Kernels:
@@ -237,18 +263,43 @@ class Kernels:
             for a in range(0, n, step):
                 yield a, min(a + step, n)
 
+    def _call(self, fn: Callable[..., Any], spec: Spec, *args: Any) -> Any:
+        """The compiled fn for spec on args, or BUSY: the caller then runs it eagerly (the
+        same bits). A first call (it compiles) holds a lock, as disk merges call from
+        several worker threads and dynamo does not promise two compiles at once; a thread
+        that finds the lock taken does its work eagerly meanwhile instead of waiting (a
+        compile takes ~10 s here)."""
+        key = (fn.__name__, spec, *((a.dtype, a.dim()) for a in args if hasattr(a, "dtype")))
+        f = self._compiled(fn, spec)
+        if key in _WARM:
+            return f(*args)
+        if not _FIRST_CALL.acquire(blocking=False):
+            return BUSY
+        try:
+            out = f(*args)
+            _WARM.add(key)
+        finally:
+            _FIRST_CALL.release()
+        return out
+
     def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int], offset: int = 0) -> None:
         """offset: the flat index of x's first entry in its tensor (a row chunk's place)."""
-        if self.compiled:
-            ft = _int_tensor(firsts, x.device)
-            self._compiled(_gta_whole, spec)(out, x, stats, p, ft)
-            return
+        if self.compiled:  # cut positions relative to this chunk (see threshold)
+            ft = _int_tensor([f - offset for f in firsts], x.device)
+            if self._call(_gta_whole, spec, out, x, stats, p, ft) is not BUSY:
+                return
         for a, b in self._chunks(out.shape[0], out.device):
             out[a:b] = gta_entries(spec, x[:, a:b], _sl(stats, a, b), p, firsts, a + offset)
 
+    def keep_masks(self, spec: Spec, outs: Sequence, stats, p) -> None:
+        """Each row's keep-mask (uint8 1/0, random kinds) into outs[j], see _masks_into."""
+        if self.compiled and self._call(_masks_whole, spec, list(outs), stats, p) is not BUSY:
+            return
+        for a, b in self._chunks(outs[0].shape[0], outs[0].device):
+            _masks_into(spec, [o[a:b] for o in outs], _sl(stats, a, b), p)
+
     def linear(self, spec: Spec, out, x, p) -> None:
-        if self.compiled:
-            self._compiled(_linear_whole, spec)(out, x, p)
+        if self.compiled and self._call(_linear_whole, spec, out, x, p) is not BUSY:
             return
         for a, b in self._chunks(out.shape[0], out.device):
             out[a:b] = linear_entries(spec, x[:, a:b], p)
@@ -256,10 +307,16 @@ class Kernels:
     def l1_before_after(self, spec: Spec, x, stats, p, firsts: Sequence[int], units,
                         offset: int = 0):  # fmt: skip
         """Per row j: (sum over all entries, sum over kept entries) of round(|task vector j|
-        * units[j]), in one eager pass: what masked_l1 gives without and with the mask (the
-        mask multiplies by 1 or 0, so rounding then masking equals masking then rounding)."""
+        * units[j]), in one pass (eager chunks, or one compiled kernel): what masked_l1 gives
+        without and with the mask (the mask multiplies by 1 or 0, so rounding then masking
+        equals masking then rounding)."""
         import torch
 
+        if self.compiled:
+            ft = _int_tensor([f - offset for f in firsts], x.device)
+            sums = self._call(_l1_pair_whole, spec, x, stats, p, ft, units)
+            if sums is not BUSY:
+                return [float(v) for v in sums[0]], [float(v) for v in sums[1]]
         m = len(spec.rows)
         before, after = [0.0] * m, [0.0] * m
         for a, b in self._chunks(x.shape[1], x.device):
@@ -274,16 +331,21 @@ class Kernels:
                 after[j] += float(q.mul_(keep).sum(dtype=torch.float64))
         return before, after
 
-    def masked_l1(self, spec: Spec, x, stats, p, firsts: Sequence[int], units) -> list[float]:
+    def masked_l1(self, spec: Spec, x, stats, p, firsts: Sequence[int], units,
+                  offset: int = 0) -> list[float]:  # fmt: skip
         """Per row j: sum of round(|kept entries of task vector j| * units[j]) (exact)."""
         if self.compiled:
-            ft = _int_tensor(firsts, x.device)
-            return [float(s) for s in self._compiled(_l1_whole, spec)(x, stats, p, ft, units)]
+            ft = _int_tensor([f - offset for f in firsts], x.device)
+            sums = self._call(_l1_whole, spec, x, stats, p, ft, units)
+            if sums is not BUSY:
+                return [float(s) for s in sums]
         totals = [0.0] * len(spec.rows)
         for a, b in self._chunks(x.shape[1], x.device):
             xs, st = x[:, a:b], _sl(stats, a, b)
             for j in range(len(spec.rows)):
-                totals[j] += float(l1_entries(spec, xs, j, st, p, firsts, a, units[j]).sum())
+                totals[j] += float(
+                    l1_entries(spec, xs, j, st, p, firsts, a + offset, units[j]).sum()
+                )
         return totals
 
 

@@ -31,10 +31,12 @@ def magnitude_cut(mag: torch.Tensor, p: int) -> tuple[float, int]:
     return magnitude_cuts(lambda: iter([(mag.reshape(-1),)]), [(0, p)])[0]
 
 
-def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float, int]]:
+def magnitude_cuts(chunks, positions) -> list[tuple[float, int]]:
     """magnitude_cut for several (stream, position) requests over tensors given as
     consecutive flat chunks: chunks() yields, on each call (one per pass, at most three),
-    a tuple with the next chunk of |delta| of every stream.
+    a tuple with the next chunk of |delta| of every stream. positions: the requests, or a
+    function of the entry count giving them after the first pass (a position that depends
+    on a count the caller takes during that pass, as sce's nonzero count).
 
     The histograms are integer counts, so the answer does not depend on how the tensors
     are cut: bit-identical to magnitude_cut on each whole tensor. Chunks are taken in
@@ -45,11 +47,17 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
     """
     import torch
 
-    n, hist = 0, None
+    n, hist, zero = 0, None, None
     for cs in chunks():  # pass 1: high 16 bits, per stream
         n += cs[0].numel()
         h = torch.stack([_high_hist(c) for c in cs])
         hist = h if hist is None else hist + h
+        # all-zero streams (a tensor a model left as is) need no pass 2: checked only while a
+        # stream's entries all fall in the lowest bucket (exact zeros and denormals)
+        z = [bool(zero is None or zero[k]) and int(h[k, 0]) == c.numel() for k, c in enumerate(cs)]
+        zero = [zk and not bool(mag_bits(c).any()) for zk, c in zip(z, cs, strict=True)]
+    if callable(positions):
+        positions = positions(n)
     out: list[tuple[float, int]] = [(float("inf"), n)] * len(positions)
     todo = [i for i, (_, p) in enumerate(positions) if p < n]
     if not todo or hist is None:
@@ -58,11 +66,15 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
     where = {i: (positions[i][0], *_locate(cum[positions[i][0]], positions[i][1])) for i in todo}
     buckets = sorted({(s, b) for s, b, _ in where.values()})
     low = {sb: torch.zeros(1 << 16, dtype=torch.int64) for sb in buckets}
-    kept: dict[tuple[int, int], list] = {sb: [] for sb in buckets if int(hist[sb]) <= _COLLECT}
-    dense = {sb: int(hist[sb]) * 16 > n for sb in buckets}  # a large share of all entries
+    for s, b in buckets:
+        if zero is not None and zero[s]:
+            low[s, b][0] = n
+    scan = [sb for sb in buckets if zero is None or not zero[sb[0]]]
+    kept: dict[tuple[int, int], list] = {sb: [] for sb in scan if int(hist[sb]) <= _COLLECT}
+    dense = {sb: int(hist[sb]) * 16 > n for sb in scan}  # a large share of all entries
     a = 0
-    for cs in chunks():  # pass 2: low 16 bits inside the buckets asked for
-        for s, b in buckets:
+    for cs in chunks() if scan else ():  # pass 2: low 16 bits inside the buckets asked for
+        for s, b in scan:
             for o, blk in _blocks(cs[s]):
                 if (s, b) in kept:
                     kept[s, b].append(_bucket_entries(blk, b, a + o, n))
@@ -80,7 +92,9 @@ def magnitude_cuts(chunks, positions: list[tuple[int, int]]) -> list[tuple[float
         if (s, b) in found:  # collected in flat order: its index is at hand
             vals, idx = found[s, b]
             out[i] = (_float_of(value[i]), int(idx[_nth_true(vals == v, r)]))
-    seen, a = {i: 0 for i in todo if (where[i][0], where[i][1]) not in found}, 0
+        elif int(low[s, b][v]) == n:  # every entry equals it (a tensor a model left as is)
+            out[i] = (_float_of(value[i]), r)
+    seen, a = {i: 0 for i in todo if out[i][1] == n}, 0  # those pass 3 still has to place
     if not seen:
         return out
     for cs in chunks():  # pass 3: the flat index of that entry

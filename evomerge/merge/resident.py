@@ -20,6 +20,7 @@ from evomerge.merge.chunked import Arena
 if TYPE_CHECKING:
     import torch
 
+    from evomerge.merge.kernel import Kernels
     from evomerge.recipe.schema import MergeStage
 
 PLACEMENTS = ("device", "host")
@@ -68,7 +69,7 @@ def tensor_meta(keys: list[str], sources: Mapping[str, Any], name: str) -> tuple
 
 def merge_rows(
     stage: MergeStage, name: str, rows: torch.Tensor, t: float, dst: torch.Tensor,
-    arena: Arena, step: int,
+    arena: Arena, step: int, kernels: Kernels | None = None,
 ) -> None:  # fmt: skip
     """Merge tensor `name` from its input rows  # (len(input_refs(stage)), *shape), wherever
     they live, into dst (any float dtype, on the compute device) in chunks of `step` rows."""
@@ -91,7 +92,7 @@ def merge_rows(
     def write(r0: int, merged: torch.Tensor) -> None:
         dst[r0 : r0 + merged.shape[0]].copy_(merged)
 
-    chunked.merge_chunked(stage, name, shape, t, read, write, arena, step)
+    chunked.merge_chunked(stage, name, shape, t, read, write, arena, step, kernels or chunked.EAGER)
 
 
 def load_rows(

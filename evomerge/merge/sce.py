@@ -18,7 +18,7 @@ import torch
 
 from evomerge.merge import radix
 from evomerge.merge.gram import Gram
-from evomerge.merge.twopass import one_chunk, task_vectors
+from evomerge.merge.twopass import Blocks, one_chunk, row_blocks, task_vectors
 
 if TYPE_CHECKING:
     from evomerge.merge.contract import MergeInputs
@@ -42,16 +42,19 @@ def sce_run(chunks: Chunks, write: Write) -> None:
     gram = Gram("flat", len(first.non_base_rows()), diag=True)
     n = 0
     for r0, inp in chunks():
-        tv = _selected(inp, r0, cut)
-        gram.add(tv)
-        n += tv[0].numel()
+        for a, blk in row_blocks(inp):
+            tv = _selected(blk, r0 + a, cut)
+            gram.add(tv)
+            n += tv[0].numel()
     g = gram.result()
     w = [float(g[i, i]) / max(n, 1) for i in range(g.shape[0])]  # mean squared delta
     total = math.fsum(w)
     w = [1.0 / len(w)] * len(w) if abs(total) < 1e-6 else [x / total for x in w]
     weights = [torch.tensor(x, dtype=torch.float32) for x in w]
+    out = Blocks()
     for r0, inp in chunks():
-        write(r0, _apply(inp, _selected(inp, r0, cut), weights))
+        merged = out.fill(inp, lambda a, blk: _apply(blk, _selected(blk, r0 + a, cut), weights))  # noqa: B023
+        write(r0, merged)
 
 
 def _variance(tv: list[torch.Tensor]) -> torch.Tensor:
@@ -68,17 +71,24 @@ def _sum(vs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _variance_cut(chunks: Chunks, topk: float) -> Cut:
-    """The cut keeping int(topk * #nonzero variances) entries (none when topk <= 0)."""
-    n = nonzero = 0
-    for _, inp in chunks():
-        var = _variance(task_vectors(inp))
-        n += var.numel()
-        nonzero += int(torch.count_nonzero(var))
-    k = int(nonzero * topk) if topk > 0 else 0
-    if k == 0:
-        return math.inf, n
-    streams = lambda: ((_variance(task_vectors(inp)).reshape(-1),) for _, inp in chunks())  # noqa: E731
-    return radix.magnitude_cuts(streams, [(0, n - k)])[0]
+    """The cut keeping int(topk * #nonzero variances) entries (none when topk <= 0). The
+    nonzero count is taken during the selection's first pass, which fixes the position."""
+    nonzero, first_pass = [0], [True]
+
+    def streams():
+        for _, inp in chunks():
+            for _, blk in row_blocks(inp):
+                var = _variance(task_vectors(blk)).reshape(-1)
+                if first_pass[0]:
+                    nonzero[0] += int(torch.count_nonzero(var))
+                yield (var,)
+        first_pass[0] = False
+
+    def position(n: int) -> list[tuple[int, int]]:
+        k = int(nonzero[0] * topk) if topk > 0 else 0
+        return [(0, n - k)]  # k == 0: position n keeps nothing, (inf, n)
+
+    return radix.magnitude_cuts(streams, position)[0]
 
 
 def _selected(inp: MergeInputs, r0: int, cut: Cut | None) -> list[torch.Tensor]:

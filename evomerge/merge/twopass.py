@@ -11,8 +11,9 @@ selects entries, is in sce.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 Chunks = Callable[[], Iterator[tuple[int, "MergeInputs"]]]  # (first row, inputs of the chunk)
 Write = Callable[[int, torch.Tensor], None]  # (first row, merged rows)
 Vectors = Callable[["MergeInputs"], list[torch.Tensor]]
+BlockFn = Callable[[int, "MergeInputs"], torch.Tensor]  # (first row, row block) -> its rows
 
 
 @dataclass(frozen=True)
@@ -43,19 +45,77 @@ def run(method: str, chunks: Chunks, write: Write) -> None:
     """Merge one tensor given as row chunks with `method` (a name in PLANS)."""
     _, first = next(chunks())
     plan = PLANS[method](first)
+    out = Blocks()
     if plan.mode is None:
         for r0, inp in chunks():
-            write(r0, plan.apply(inp, None))
-    elif plan.mode == "last":  # each vector lies inside one chunk: one pass
+            write(r0, out.fill(inp, lambda _, blk: plan.apply(blk, None)))
+    elif plan.mode == "last":  # each vector lies inside one row: one pass
+        last = lambda _, blk: plan.apply(blk, plan.finish(gram_of("last", plan.vectors(blk))))  # noqa: E731
         for r0, inp in chunks():
-            write(r0, plan.apply(inp, plan.finish(gram_of("last", plan.vectors(inp)))))
+            write(r0, out.fill(inp, last))
     else:
-        gram = Gram(plan.mode, len(plan.vectors(first)))
+        gram = Gram(plan.mode, len(plan.vectors(next(row_blocks(first))[1])))
         for _, inp in chunks():
-            gram.add(plan.vectors(inp))
+            for _, blk in row_blocks(inp):
+                gram.add(plan.vectors(blk))
         coeffs = plan.finish(gram.result())
         for r0, inp in chunks():
-            write(r0, plan.apply(inp, coeffs))
+            write(r0, out.fill(inp, lambda _, blk: plan.apply(blk, coeffs)))
+
+
+BLOCK = 1 << 18  # entries of a row block (a MiB of float32: its temporaries stay in cache)
+
+
+def row_blocks(inp: MergeInputs) -> Iterator[tuple[int, MergeInputs]]:
+    """(first row, inputs) of consecutive blocks of whole dim-0 rows, about BLOCK entries
+    each. Every per-entry step and every row sum of these methods reads whole rows, so
+    blocks give the chunk's bits; whole-chunk temporaries (a fresh 32 MiB each, a dozen a
+    chunk) cost page faults and fragmented the C heap to several GB (measured: sce at 7B)."""
+    shape = tuple(inp.models.shape[1:])
+    step = max(1, BLOCK // max(1, math.prod(shape[1:]))) if shape else 1
+    if not shape or step >= shape[0]:
+        yield 0, inp
+        return
+    for a in range(0, shape[0], step):
+        rows = slice(a, a + step)
+        yield (
+            a,
+            replace(
+                inp,
+                models=inp.models[:, rows],
+                base=None if inp.base is None else inp.base[rows],
+                deltas=None if inp.deltas is None else inp.deltas[:, rows],
+                out=None,
+            ),
+        )
+
+
+class Blocks:
+    """A chunk's result assembled from its row blocks in one buffer, reused by the next
+    chunk (a chunk's rows are written before the next chunk is merged)."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def fill(
+        self, inp: MergeInputs, fn: Callable[[int, MergeInputs], torch.Tensor]
+    ) -> torch.Tensor:
+        """fn(first row, block) over inp's row blocks, as one tensor of the chunk's shape."""
+        blocks = row_blocks(inp)
+        a, blk = next(blocks)
+        part = fn(a, blk)
+        shape = tuple(inp.models.shape[1:])
+        if tuple(part.shape) == shape:  # one block: the chunk itself
+            return part
+        n = math.prod(shape)
+        if self._buf is None or self._buf.numel() < n or self._buf.dtype != part.dtype:
+            self._buf = torch.empty(n, dtype=part.dtype, device=part.device)
+        out = self._buf[:n].view(shape)
+        out[: part.shape[0]].copy_(part)
+        for a, blk in blocks:
+            part = fn(a, blk)
+            out[a : a + part.shape[0]].copy_(part)
+        return out
 
 
 def whole(inputs: MergeInputs, method: str) -> torch.Tensor:
