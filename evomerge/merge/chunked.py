@@ -269,13 +269,13 @@ def _factors(
     units = [sp.l1_unit(bound[j] + bound[-1]) for j in range(len(idx))]
     u = torch.tensor(units, dtype=torch.float32)
     before, after = [0.0] * len(idx), [0.0] * len(idx)
-    kind, spec = su.spec.kind, su.spec
+    kind = su.spec.kind
+    spec = su.spec if given is None else replace(su.spec, kind="given")
     for r0, inp in chunks():
         x = inp.models.reshape(inp.models.shape[0], -1)
         a = _offset(r0, inp)
         stats = _stats(kind, inp, idx, bi, x, a, n, arena)
         if given is not None:
-            spec = replace(su.spec, kind="given")
             masks = [arena.get(f"keep{j}", (x.shape[1],), torch.uint8) for j in range(len(idx))]
             kernels.keep_masks(su.spec, masks, stats, p)
             given.append([np.packbits(mask.numpy()) for mask in masks])

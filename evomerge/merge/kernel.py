@@ -198,10 +198,6 @@ def _gta_whole(spec: Spec, out, x, stats, p, firsts) -> None:
     out.copy_(gta_entries(spec, x, stats, p, firsts, 0))
 
 
-def _masks_whole(spec: Spec, outs, stats, p) -> None:
-    _masks_into(spec, outs, stats, p)
-
-
 def _l1_whole(spec: Spec, x, stats, p, firsts, units):
     return [l1_entries(spec, x, j, stats, p, firsts, 0, units[j]).sum() for j in range(len(units))]
 
@@ -293,7 +289,7 @@ class Kernels:
 
     def keep_masks(self, spec: Spec, outs: Sequence, stats, p) -> None:
         """Each row's keep-mask (uint8 1/0, random kinds) into outs[j], see _masks_into."""
-        if self.compiled and self._call(_masks_whole, spec, list(outs), stats, p) is not BUSY:
+        if self.compiled and self._call(_masks_into, spec, list(outs), stats, p) is not BUSY:
             return
         for a, b in self._chunks(outs[0].shape[0], outs[0].device):
             _masks_into(spec, [o[a:b] for o in outs], _sl(stats, a, b), p)
