@@ -96,6 +96,37 @@ def test_failed_candidates_and_constraint(tmp_path: Path):
             assert t.user_attrs["violation"] == pytest.approx(drop - 10)
 
 
+def test_trial_declared_dead_by_another_worker_is_dropped_and_rerun(tmp_path: Path, capsys):
+    """A worker stalled past the grace period finds its trial failed and re-queued by another
+    worker: it drops that result and goes on (it used to exit with UpdateFinishedTrialError)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'r' / 'space' / 'study.db'}"
+
+    class Stalled(FakeWorkbench):
+        def evaluate(self, recipe, split="search", on_chunk=None):
+            if recipe is not None and len(self.merged) == 4:  # what fail_stale_trials does
+                other = optuna.load_study(study_name="space", storage=url)
+                (t,) = other.get_trials(states=(TrialState.RUNNING,))
+                other._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+                retry(other, other._storage.get_trial(t._trial_id))
+                self.dead = t
+            return super().evaluate(recipe, split, on_chunk)
+
+    wb = Stalled()
+    out = run_search(write_space(tmp_path), n_trials=8, results=tmp_path / "r", workbench=wb,
+                     quiet=True, prune=False)  # fmt: skip
+    assert f"trial {wb.dead.number} of study 'space' was declared dead" in capsys.readouterr().err
+    trials = out.study.trials
+    assert len(counted(out.study)) == 8
+    assert trials[wb.dead.number].state.name == "FAIL"
+    rerun = [t for t in trials if t.system_attrs.get("failed_trial") == wb.dead.number]
+    assert len(rerun) == 1 and rerun[0].state.name == "COMPLETE"
+    assert rerun[0].params == wb.dead.params
+
+
 def test_ctrl_c_leaves_no_running_trial(tmp_path: Path):
     class Interrupt(FakeWorkbench):
         def evaluate(self, recipe, split="search", on_chunk=None):

@@ -257,9 +257,8 @@ def run_trials(
             if state == "wait":
                 continue
             t0 = time.time()
-            st.optimize(
-                scorer, n_trials=1, catch=(CandidateError, OverBudget), gc_after_trial=False
-            )
+            if not _optimize_one(st, scorer, run):
+                continue
             if time.time() - csv_at > CSV_EVERY_S:  # rewriting it costs O(trials): not per trial
                 write_csv(st, run.study_dir)
                 csv_at = time.time()
@@ -274,6 +273,37 @@ def run_trials(
         bar.close()
         raise
     bar.close()
+
+
+def _optimize_one(st: Any, scorer: TrialScorer, run: Settings) -> bool:
+    """Run one trial; False if another worker declared it dead meanwhile. That happens when
+    this process went longer than the grace period without a heartbeat (stalled, paused, its
+    storage locked): the other worker failed the trial and re-queued its parameters, so this
+    result is dropped rather than ending the worker."""
+    import optuna
+
+    try:
+        st.optimize(scorer, n_trials=1, catch=(CandidateError, OverBudget), gc_after_trial=False)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        # Optuna raises the first when the other worker wins the race inside the tell, the
+        # second ("Cannot tell a FAIL trial") when it had already won; anything else re-raises
+        if scorer.number is None or not _finished_elsewhere(st, scorer.number):
+            raise
+        print(
+            f"warning: trial {scorer.number} of study '{st.study_name}' was declared dead by "
+            f"another worker (no heartbeat for its grace period; heartbeat every "
+            f"{run.heartbeat} s) and re-queued; this worker's result for it is dropped",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _finished_elsewhere(st: Any, number: int) -> bool:
+    from optuna.trial import TrialState
+
+    trials = st.get_trials(deepcopy=False)
+    return number < len(trials) and trials[number].state == TrialState.FAIL
 
 
 def _budget_left(st: Any, store: Any, run: Settings, stop: Any, nudged: set[int]) -> str:
