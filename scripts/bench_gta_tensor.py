@@ -1,4 +1,4 @@
-"""Where the time of a disk TIES / DARE / DELLA merge of one large tensor goes.
+"""Where the time of a disk TIES / DARE / DELLA / sce merge of one large tensor goes.
 
 Writes three bf16 safetensors checkpoints holding one tensor (rows x cols) of realistic data
 -- base ~ N(0, 0.02), each model = base + N(0, 0.002), rounded to bf16, so |delta| spreads
@@ -23,7 +23,8 @@ from pathlib import Path
 
 PARAMS = {"ties": "weight: 0.5, density: 0.5", "dare_ties": "weight: 0.5, density: 0.5",
           "della": "weight: 0.5, density: 0.5, epsilon: 0.1",
-          "linear": "weight: 0.5"}  # fmt: skip
+          "linear": "weight: 0.5", "sce": ""}  # fmt: skip
+GLOBAL = {"sce": "parameters: {select_topk: 0.5}\n"}  # a method's stage parameters
 
 
 def write_models(root: Path, rows: int, cols: int, seed: int = 0) -> list[Path]:
@@ -49,7 +50,8 @@ def write_models(root: Path, rows: int, cols: int, seed: int = 0) -> list[Path]:
 def recipe(method: str, models: list[Path], path: Path) -> Path:
     base = "" if method == "linear" else f"base_model: {models[0]}\n"
     rows = "".join(f"- model: {m}\n  parameters: {{{PARAMS[method]}}}\n" for m in models[1:])
-    path.write_text(f"merge_method: {method}\n{base}models:\n{rows}dtype: bfloat16\n")
+    stage = GLOBAL.get(method, "")
+    path.write_text(f"merge_method: {method}\n{base}models:\n{rows}{stage}dtype: bfloat16\n")
     return path
 
 

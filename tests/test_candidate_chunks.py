@@ -11,6 +11,7 @@ from test_candidate import LAYERS, NAMES, Source, _disk, _shape, _stage, make_so
 from evomerge.merge import chunked
 from evomerge.merge.candidate import CandidateMerger
 from evomerge.merge.memory import ENV_CHUNK_BYTES, rows_per_chunk
+from evomerge.merge.table import get_method
 from evomerge.recipe import InputModel, MergeStage, ModelRef
 
 CHUNK_BYTES = 5 * 16 * 4  # 5 rows of a (24, 16) float32 tensor: 5 chunks, the last short
@@ -68,7 +69,7 @@ def test_chunked_candidate_equals_whole_tensor_merge(
             merger.apply(st, got)
         for name in NAMES:
             assert torch.equal(got[name], want[name]), (method, placement, how, name)
-        fused = method in ("ties", "dare_ties", "della", "linear")
+        fused = get_method(method).fused  # ties, dare_ties, della, linear, sce
         chunked_names = [x for x in NAMES if len(_shape(x)) == 2]
         if fused and placement == "device":  # the compiled path, as before: no chunks
             assert spy == []

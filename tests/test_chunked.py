@@ -105,19 +105,23 @@ def test_two_pass_merges_any_chunk_size(case, rows, models, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("case", sorted({*_VARIANTS, "sce", "model_stock", "multislerp"}))
 def test_row_blocks_inside_chunks_give_the_same_bytes(case, models, tmp_path, monkeypatch):
-    """The dot-product methods and sce work through each chunk in row blocks (twopass.py):
-    blocks of 2 rows (and a ragged last one) inside chunks of 5 give the unblocked bytes."""
-    from evomerge.merge import twopass
+    """The dot-product methods work through each chunk in row blocks (twopass.py), sce and
+    the eager kernels in pieces of kernel.CHUNK entries: blocks of 2 rows and pieces of 101
+    entries (ragged last ones, pieces across rows) inside chunks of 5 rows give the
+    unblocked bytes."""
+    from evomerge.merge import kernel, twopass
 
     recipe = _recipe(case, models, tmp_path / "r.yaml")
     monkeypatch.setattr(twopass, "BLOCK", 1 << 30)
+    monkeypatch.setattr(kernel, "CHUNK", 1 << 30)
     whole = _merge(recipe, tmp_path / "whole", monkeypatch, 1 << 30)
     monkeypatch.setattr(twopass, "BLOCK", 2 * 48)
+    monkeypatch.setattr(kernel, "CHUNK", 101)
     assert _merge(recipe, tmp_path / "blocks", monkeypatch, 5 * 192 + 7) == whole
 
 
 @pytest.mark.slow  # compiles one to three inductor kernels per method (~10 s each, cold)
-@pytest.mark.parametrize("case", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "della", "breadcrumbs_ties", "sce_topk"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_disk_passes_give_the_eager_bytes(case, dtype, tmp_path, monkeypatch):
     """A large merge runs the task-arithmetic passes compiled (chunked.disk_kernels): with

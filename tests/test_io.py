@@ -89,6 +89,33 @@ def test_row_chunks_are_checked_once_and_every_row_is_checked(tiny_model, monkey
                 r.read_rows_into(name, 12, buf[:2])
 
 
+def test_row_chunks_read_from_threads_at_once(tiny_model, read_tensors):
+    """A disk merge's workers read row chunks without a lock (positional reads, a staging
+    buffer per thread): chunks of every tensor read by four threads at once, cast from
+    bf16 on the way, equal the tensors safetensors loads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tiny_model(seed=5, dtype=torch.bfloat16, shards=2)
+    expected = {n: t for n, t in read_tensors(path).items() if t.dim() == 2}
+    with open_checkpoint(path) as r:
+
+        def chunks(name: str) -> list[torch.Tensor]:
+            rows = r.shape(name)[0]
+            out = []
+            for _ in range(20):  # enough reads to interleave with the other threads'
+                for r0 in range(0, rows, 3):
+                    buf = torch.empty(min(3, rows - r0), *r.shape(name)[1:])
+                    out.append(r.read_rows_into(name, r0, buf).clone())
+            return out
+
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(expected, pool.map(chunks, expected), strict=True))
+    for name, t in expected.items():
+        per_pass = len(got[name]) // 20
+        for k in range(20):
+            assert torch.equal(torch.cat(got[name][k * per_pass : (k + 1) * per_pass]), t.float())
+
+
 def test_large_finite_values_are_not_reported(tiny_model):
     """Finite weights whose sum overflows float32 are still finite (no false NaN/inf error)."""
     path = tiny_model()

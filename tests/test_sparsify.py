@@ -86,16 +86,32 @@ def test_to_planes_round_trip():
     assert torch.equal(_planes_value(planes), v.long())
 
 
-@pytest.mark.parametrize("shape", [(37, 53), (300,), (4, 6, 5), (2000, 600)])  # last: 2 blocks
-def test_della_ranks_are_stable_ranks_along_dim_1(shape):
-    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(1)).float()
-    got = _planes_value(sp.della_ranks(x.abs()))
+SHAPES = [(37, 53), (300,), (4, 6, 5), (2000, 600)]  # last: several sort blocks, a ragged one
+
+
+def _want_ranks(x: torch.Tensor) -> torch.Tensor:
     work = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
     rows = work.reshape(-1, work.shape[-1])
     want = torch.stack([_stable_ranks(r) for r in rows]).view(work.shape)
-    if x.dim() > 2:
-        want = want.movedim(-1, 1)
-    assert torch.equal(got, want.reshape(-1))
+    return (want.movedim(-1, 1) if x.dim() > 2 else want).reshape(-1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_della_ranks_are_stable_ranks_along_dim_1(shape):
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(1)).float()
+    assert torch.equal(_planes_value(sp.della_ranks(x.abs())), _want_ranks(x))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_della_ranks_of_model_and_base_make_delta_per_block(shape):
+    """The disk path passes the model's and the base's bf16 rows: |delta| is taken in float32
+    a block at a time, ranks come back int32 -- the ranks of the whole float32 |delta|."""
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    model = (base.float() + torch.randn(shape, generator=g) * 0.002).bfloat16()
+    got = sp.della_ranks(model, base=base, packed=False)
+    assert got.dtype == torch.int32 and got.shape == (1, base.numel())
+    assert torch.equal(got[0].long(), _want_ranks(model.float() - base.float()))
 
 
 def test_della_ranks_of_long_rows_are_int32():

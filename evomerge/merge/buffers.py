@@ -1,8 +1,10 @@
 """Reusable tensors: allocating a fresh tensor per merged tensor is slow (page faults on every
-first touch), so disk merges and in-place candidates keep one buffer per job and shape."""
+first touch), so disk merges and in-place candidates keep one buffer per job and shape
+(Buffers), or one flat buffer per role shared by every shape (Arena: row chunks)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,3 +34,22 @@ class Buffers:
         if buf is None:
             buf = self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
+
+
+class Arena:
+    """Reused flat buffers, one per (role, dtype), grown to the largest request: chunks of
+    every tensor shape share them (Buffers would keep one per shape); on `device` (the
+    CPU for disk merges, the compute device for in-place candidates)."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.device = device
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        n = math.prod(shape)
+        buf = self._flat.get((role, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._flat[role, dtype] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Protocol
 from evomerge.errors import ConfigError, MergeError, did_you_mean
 from evomerge.merge import resident
 from evomerge.merge.arch import gradient_t
-from evomerge.merge.chunked import Arena, chunkable
+from evomerge.merge.buffers import Arena
+from evomerge.merge.chunked import chunkable
 from evomerge.merge.contract import MergeInputs, Method
 from evomerge.merge.memory import rows_per_chunk
 from evomerge.merge.resolve import inputs_for_rows

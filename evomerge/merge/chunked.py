@@ -24,6 +24,7 @@ import torch
 from evomerge.common.device import torch_threads
 from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
+from evomerge.merge.buffers import Arena
 from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
 from evomerge.merge.memory import TWO_PASS
 
@@ -36,40 +37,23 @@ Chunks = Callable[[], Iterator[tuple[int, "MergeInputs"]]]  # (first row, inputs
 Write = Callable[[int, torch.Tensor], None]  # (first row, merged rows)
 
 
-class Arena:
-    """Reused flat buffers, one per (role, dtype), grown to the largest request: chunks of
-    every tensor shape share them (Buffers would keep one per shape); on `device` (the
-    CPU for disk merges, the compute device for in-place candidates)."""
-
-    def __init__(self, device: torch.device | str | None = None) -> None:
-        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self.device = device
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self._flat.get((role, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._flat[role, dtype] = torch.empty(n, dtype=dtype, device=self.device)
-        return buf[:n].view(shape)
-
-
 # Entries of a disk merge's task-arithmetic tensors from which its per-entry passes run
 # compiled: inductor's fused loop takes ~1.6 ns per entry where eager chunks take ~10, but
-# each kernel costs ~12 s to compile cold (~5 s from inductor's cache), and TIES needs one,
+# each kernel costs ~12 s to compile cold (~5 s from inductor's cache), and TIES needs one, sce and
 # DARE / DELLA three (measured on 2 cores: results/bench/merge_memory_7b_compiled.md).
 DISK_COMPILE_MIN_ENTRIES = 1 << 32  # ~4B parameters
 
 
 def disk_kernels(method_name: str, entries: int) -> Kernels:
     """The kernels a disk merge of `entries` streamed entries runs: compiled for a large
-    merge of the task-arithmetic family where a C++ compiler is at hand, else eager."""
+    merge of the task-arithmetic family or sce where a C++ compiler is at hand, else eager."""
     from evomerge.merge.kernel import Kernels, compile_available
     from evomerge.merge.table import get_method
 
     m = get_method(method_name)
-    gta_family = not m.elementwise and m.function.endswith(":gta_method")
+    kernel_run = m.name == "sce" or (not m.elementwise and m.function.endswith(":gta_method"))
     big = entries >= DISK_COMPILE_MIN_ENTRIES
-    return Kernels(compiled=True) if gta_family and big and compile_available("cpu") else EAGER
+    return Kernels(compiled=True) if kernel_run and big and compile_available("cpu") else EAGER
 
 
 def chunkable(method_name: str, shape: tuple[int, ...]) -> bool:
@@ -96,7 +80,7 @@ def merge_chunked(
 
     method = get_method(stage.merge_method)
     if method.name in TWO_PASS:
-        _two_pass(method.name, chunks, write)
+        _two_pass(method.name, chunks, write, kernels)
         return
     if not method.elementwise and method.function.endswith(":gta_method"):
         opts = dict(method.options)
@@ -112,12 +96,12 @@ def merge_chunked(
         write(r0, merge_tensor(stage, name, models, base, t, out=out))
 
 
-def _two_pass(method: str, chunks: Chunks, write: Write) -> None:
+def _two_pass(method: str, chunks: Chunks, write: Write, kernels: Kernels) -> None:
     """Methods with whole-tensor dot products (twopass.py) and sce (sce.py)."""
     if method == "sce":
         from evomerge.merge.sce import sce_run
 
-        sce_run(chunks, write)
+        sce_run(chunks, write, kernels)
         return
     from evomerge.merge.twopass import run
 
@@ -240,14 +224,13 @@ def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int, arena: Arena) -> 
         return [[] for _ in idx] if kind is not None else []
     out = []
     length = x.shape[1]
-    if kind == "della":  # float32 operands: a subtraction across dtypes is several times slower
-        base = arena.get("della_base", (length,), torch.float32).copy_(x[bi])
+    shape = inp.models.shape[1:]
     for j, i in enumerate(idx):
         buf = arena.get(f"draws{j}", (2, length), torch.uint8) if x.is_cpu else None
         draws = sp.draws(inp.seed, inp.tensor_name, i, n, x.device, a, a + length, out=buf)
-        if kind == "della":
-            mag = arena.get("della_mag", (length,), torch.float32).copy_(x[i]).sub_(base)
-            out.append([draws, sp.della_ranks(mag.abs_().view(inp.base.shape))])
+        if kind == "della":  # int32 ranks: the kernel reads them as they are
+            ranks = sp.della_ranks(x[i].view(shape), base=x[bi].view(shape), packed=False)
+            out.append([draws, ranks])
         else:
             out.append([draws])
     return out

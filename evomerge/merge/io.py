@@ -1,20 +1,21 @@
 """Checkpoint reading: a lazy reader, one tensor at a time (the writer is in writer.py).
 
-Safetensors are parsed here rather than memory-mapped: reading a tensor's bytes with
-`readinto` straight into a reused buffer costs no allocation, and pages of the source files
-never count in this process's resident memory (a mmap'd model would, for every file touched).
+Safetensors are parsed (stfile.py) rather than memory-mapped: reading a tensor's bytes
+straight into a reused buffer costs no allocation, and pages of the source files never count
+in this process's resident memory (a mmap'd model would, for every file touched).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, MergeError
+from evomerge.merge.stfile import ST_DTYPES, StFile
 
 if TYPE_CHECKING:
     import torch
@@ -33,11 +34,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}  # fmt: skip
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -51,56 +47,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise ConfigError(f"dtype must be e.g. float32, bfloat16 or float16, but got '{name}'")
     return dt
-
-
-def _st_code(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    for code, tname in _ST_DTYPES.items():
-        if tname == name:
-            return code
-    raise MergeError(f"dtype {dtype} cannot be stored in safetensors")
-
-
-class _StFile:
-    """One safetensors file: header parsed once, tensors read on demand with readinto."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fh: BinaryIO = open(path, "rb")
-        size = os.fstat(self.fh.fileno()).st_size
-        try:
-            (n,) = struct.unpack("<Q", self.fh.read(8))
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(self.fh.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as exc:
-            self.fh.close()
-            raise MergeError(f"{path}: not a valid safetensors file (truncated?): {exc}") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if self.data_start + end > size or e["dtype"] not in _ST_DTYPES:
-                self.fh.close()
-                raise MergeError(
-                    f"{path}: tensor '{name}' is corrupt or truncated (needs bytes up to "
-                    f"{self.data_start + end}, file has {size}, dtype {e['dtype']})"
-                )
-            self.entries[name] = (e["dtype"], tuple(e["shape"]), begin, end)
-
-    def read_raw(self, name: str, raw: torch.Tensor) -> torch.Tensor:
-        """Read the tensor's bytes into `raw` (uint8, large enough); return the typed view."""
-        import torch
-
-        code, shape, begin, end = self.entries[name]
-        nbytes = end - begin
-        view = raw[:nbytes]
-        self.fh.seek(self.data_start + begin)
-        got = self.fh.readinto(memoryview(view.numpy()))
-        if got != nbytes:
-            raise MergeError(f"{self.path}: tensor '{name}' is truncated ({got} of {nbytes} bytes)")
-        return view.view(getattr(torch, _ST_DTYPES[code])).view(shape)
 
 
 class CheckpointReader:
@@ -120,10 +66,12 @@ class CheckpointReader:
             self.config: dict[str, Any] = json.loads(cfg_file.read_text())
         except ValueError as exc:
             raise ConfigError(f"{cfg_file}: not valid JSON ({exc})") from None
-        self._files: dict[str, _StFile] = {}
+        self._files: dict[str, StFile] = {}
         self._pickles: dict[str, dict[str, torch.Tensor]] = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
-        self._raw: torch.Tensor | None = None
+        self._raw: torch.Tensor | None = None  # whole-tensor reads (callers serialize them)
+        self._staging = threading.local()  # row-chunk reads: one staging buffer per thread
+        self._open_lock = threading.Lock()
         self._rows_checked: dict[str, int] = {}  # tensor -> rows 0.. already checked finite
         self._index_weights(allow_pickle)
 
@@ -155,15 +103,16 @@ class CheckpointReader:
         else:
             raise ConfigError(f"expected safetensors weights in {p}, but found none")
 
-    def _open(self, fname: str) -> _StFile:
-        f = self._files.get(fname)
-        if f is None:
-            if not (self.path / fname).is_file():
-                raise MergeError(
-                    f"{self.path}: weight file '{fname}' named in the index is missing"
-                )
-            f = self._files[fname] = _StFile(self.path / fname)
-        return f
+    def _open(self, fname: str) -> StFile:
+        with self._open_lock:  # worker threads open files as their tensors need them
+            f = self._files.get(fname)
+            if f is None:
+                if not (self.path / fname).is_file():
+                    raise MergeError(
+                        f"{self.path}: weight file '{fname}' named in the index is missing"
+                    )
+                f = self._files[fname] = StFile(self.path / fname)
+            return f
 
     def _load_pickle(self, fname: str) -> dict[str, torch.Tensor]:
         import torch
@@ -186,7 +135,7 @@ class CheckpointReader:
             raise MergeError(f"{self.path}: has no tensor '{name}'")
         if fname.endswith(".safetensors"):
             code, shape, _, _ = self._open(fname).entries[name]
-            return _ST_DTYPES[code], shape
+            return ST_DTYPES[code], shape
         t = self._load_pickle(fname)[name]
         return str(t.dtype).removeprefix("torch."), tuple(t.shape)
 
@@ -250,7 +199,8 @@ class CheckpointReader:
 
     def read_rows_into(self, name: str, r0: int, out: torch.Tensor) -> torch.Tensor:
         """Copy rows r0 .. r0 + len(out) of safetensors tensor `name` into `out` (a row
-        chunk: one contiguous byte range of the file); checks it is finite."""
+        chunk: one contiguous byte range of the file); checks it is finite. Threads may
+        call it at once for different tensors (a disk merge's workers read in parallel)."""
         import torch
 
         shape = self.shape(name)
@@ -261,18 +211,18 @@ class CheckpointReader:
             )
         f = self._open(self._where[name])
         code, _, begin, _ = f.entries[name]
-        dtype = getattr(torch, _ST_DTYPES[code])
+        dtype = getattr(torch, ST_DTYPES[code])
         row_bytes = out[0].numel() * dtype.itemsize if out.shape[0] else 0
         nbytes = row_bytes * out.shape[0]
         direct = out.dtype == dtype and out.is_contiguous()
         if direct:
             raw = out.reshape(-1).view(torch.uint8)
-        else:
-            if self._raw is None or self._raw.numel() < nbytes:
-                self._raw = torch.empty(nbytes, dtype=torch.uint8)
-            raw = self._raw[:nbytes]
-        f.fh.seek(f.data_start + begin + r0 * row_bytes)
-        got = f.fh.readinto(memoryview(raw.numpy()))
+        else:  # a staging buffer per thread
+            staged = getattr(self._staging, "raw", None)
+            if staged is None or staged.numel() < nbytes:
+                staged = self._staging.raw = torch.empty(nbytes, dtype=torch.uint8)
+            raw = staged[:nbytes]
+        got = f.pread_into(f.data_start + begin + r0 * row_bytes, memoryview(raw.numpy()))
         if got != nbytes:
             raise MergeError(f"{f.path}: tensor '{name}' is truncated ({got} of {nbytes} bytes)")
         if not direct:

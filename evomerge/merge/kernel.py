@@ -44,6 +44,7 @@ class Spec:
 
     kind: the keep-mask: None, "magnitude", "breadcrumbs", "random" (DARE), "della", or
         "given" (each row's stats are its mask, uint8 1/0: a random mask made once, keep_mask)
+        ("select": sce's variance cut, sce.py)
     consensus: TIES sign election (mergekit's consensus "sum")
     normalize: divide by the summed weights (with consensus: of the rows that agree)
     rows: rows of x holding the merged models; base: the base row (None for linear)
@@ -111,14 +112,6 @@ def _keep(kind: str, d, st: Sequence, p, o: int, firsts, j: int, a: int):
     if kind == "given":
         return st[0].to(torch.float32)
     raise ValueError(f"unknown mask kind {kind!r}")
-
-
-def _masks_into(spec: Spec, outs, stats, p) -> None:
-    """Each row's keep-mask of a random kind (DARE, DELLA) as uint8 1/0 into outs[j]: what
-    gta_entries applies, for a Spec of kind "given" to apply later (the draws and ranks
-    are then made once, not once per pass)."""
-    for j, out in enumerate(outs):
-        out.copy_(_keep(spec.kind, None, stats[j], p, _keep_offset(spec, j), [], j, 0))
 
 
 def _keep_offset(spec: Spec, j: int) -> int:
@@ -192,10 +185,24 @@ def linear_entries(spec: Spec, x, p):
 
 
 # ---- whole-tensor forms (compiled) ---------------------------------------------------------------
+# Each `*_into(spec, outs, x, stats, p, firsts, a)` writes its entry function's results into
+# outs: Kernels.run_into calls it on slices eagerly, or compiled once on whole tensors.
 
 
-def _gta_whole(spec: Spec, out, x, stats, p, firsts) -> None:
-    out.copy_(gta_entries(spec, x, stats, p, firsts, 0))
+def _gta_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    outs[0].copy_(gta_entries(spec, x, stats, p, firsts, a))
+
+
+def _masks_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    """Each row's keep-mask of a random kind (DARE, DELLA) as uint8 1/0 into outs[j]: what
+    gta_entries applies, for a Spec of kind "given" to apply later (the draws and ranks
+    are then made once, not once per pass). x: None (not read)."""
+    for j, out in enumerate(outs):
+        out.copy_(_keep(spec.kind, None, stats[j], p, _keep_offset(spec, j), [], j, 0))
+
+
+def _linear_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    outs[0].copy_(linear_entries(spec, x, p))
 
 
 def _l1_whole(spec: Spec, x, stats, p, firsts, units):
@@ -207,10 +214,6 @@ def _l1_pair_whole(spec: Spec, x, stats, p, firsts, units):
     return _l1_whole(replace(spec, kind=None), x, stats, p, firsts, units), _l1_whole(
         spec, x, stats, p, firsts, units
     )
-
-
-def _linear_whole(spec: Spec, out, x, p) -> None:
-    out.copy_(linear_entries(spec, x, p))
 
 
 _COMPILED: dict[tuple, Callable[..., Any]] = {}  # (entry function, Spec) -> compiled, per process
@@ -278,27 +281,31 @@ class Kernels:
             _FIRST_CALL.release()
         return out
 
-    def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int], offset: int = 0) -> None:
-        """offset: the flat index of x's first entry in its tensor (a row chunk's place)."""
+    def run_into(
+        self, fn: Callable[..., None], spec: Spec, outs: Sequence, x, stats: Sequence, p,
+        firsts: Sequence[int] = (), offset: int = 0,
+    ) -> None:  # fmt: skip
+        """fn(spec, outs, x, stats, p, firsts, a) (a `*_into` function) over whole flat
+        tensors: outs (each (..., n)) are written in place. offset: the flat index of x's
+        first entry in its tensor (a row chunk's place)."""
         if self.compiled:  # cut positions relative to this chunk (see threshold)
-            ft = _int_tensor([f - offset for f in firsts], x.device)
-            if self._call(_gta_whole, spec, out, x, stats, p, ft) is not BUSY:
+            ft = _int_tensor([f - offset for f in firsts], outs[0].device)
+            if self._call(fn, spec, list(outs), x, stats, p, ft, 0) is not BUSY:
                 return
-        for a, b in self._chunks(out.shape[0], out.device):
-            out[a:b] = gta_entries(spec, x[:, a:b], _sl(stats, a, b), p, firsts, a + offset)
+        for a, b in self._chunks(outs[0].shape[-1], outs[0].device):
+            sub = [o[..., a:b] for o in outs]
+            xs = None if x is None else x[..., a:b]
+            fn(spec, sub, xs, _sl(stats, a, b), p, firsts, a + offset)
+
+    def gta(self, spec: Spec, out, x, stats, p, firsts: Sequence[int], offset: int = 0) -> None:
+        self.run_into(_gta_into, spec, [out], x, stats, p, firsts, offset)
 
     def keep_masks(self, spec: Spec, outs: Sequence, stats, p) -> None:
         """Each row's keep-mask (uint8 1/0, random kinds) into outs[j], see _masks_into."""
-        if self.compiled and self._call(_masks_into, spec, list(outs), stats, p) is not BUSY:
-            return
-        for a, b in self._chunks(outs[0].shape[0], outs[0].device):
-            _masks_into(spec, [o[a:b] for o in outs], _sl(stats, a, b), p)
+        self.run_into(_masks_into, spec, outs, None, stats, p)
 
     def linear(self, spec: Spec, out, x, p) -> None:
-        if self.compiled and self._call(_linear_whole, spec, out, x, p) is not BUSY:
-            return
-        for a, b in self._chunks(out.shape[0], out.device):
-            out[a:b] = linear_entries(spec, x[:, a:b], p)
+        self.run_into(_linear_into, spec, [out], x, [], p)
 
     def l1_before_after(self, spec: Spec, x, stats, p, firsts: Sequence[int], units,
                         offset: int = 0):  # fmt: skip

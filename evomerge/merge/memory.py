@@ -25,16 +25,15 @@ ENV_CHUNK_BYTES = "EVOMERGE_CHUNK_BYTES"
 
 # extra bytes per entry beyond the inputs and the float32 output, per merged model row:
 # GTA's |delta| (4) for magnitude cuts, 16-bit draws and the uint8 keep-mask (2 + 1) for
-# DARE, draws + ranks + the keep-mask (2 + 4 + 1) for DELLA
+# DARE, draws + int32 ranks + the keep-mask (2 + 4 + 1) for DELLA (its |delta| is made a
+# cache-sized block at a time)
 _EXTRA_PER_ROW = {None: 0.0, "magnitude": 4.0, "breadcrumbs": 4.0, "random": 3.0, "della": 7.0}
-# and once per entry, whatever the rows: DELLA's float32 |delta| and base for the ranks
-_EXTRA_PER_ENTRY = {"della": 8.0}
 # bytes per entry of a WHOLE tensor (not a chunk), per merged model row: DARE / DELLA keep
 # their random masks as bits between the rescale pass and the last one (chunked.py)
 _WHOLE_PER_ROW = {"random": 1 / 8, "della": 1 / 8}
 # two-pass methods (twopass.py, sce.py): float32 task vectors or products per model row
-# (4), plus sce's variance, mask and flat index (4 + 4 + 8 per entry, not per row)
-_TWO_PASS_EXTRA = {"sce": (4.0, 16.0)}
+# (4), plus sce's variance and its output buffer (4 + 4 per entry, not per row)
+_TWO_PASS_EXTRA = {"sce": (4.0, 8.0)}
 TWO_PASS = frozenset({"slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce"})
 STREAMED = frozenset(  # methods whose disk merge streams every tensor of 2+ dims in row chunks
     {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
@@ -95,7 +94,7 @@ def memory_figures(method: str, n_inputs: int, input_bytes: float = 4.0) -> Memo
     m = get_method(method)
     kind = dict(m.options).get("kind") if m.options else None
     rows = max(1, n_inputs - (1 if m.needs_base else 0))
-    extra = _EXTRA_PER_ROW.get(kind, 0.0) * rows + _EXTRA_PER_ENTRY.get(kind, 0.0)
+    extra = _EXTRA_PER_ROW.get(kind, 0.0) * rows
     if m.name in TWO_PASS:
         per_row, per_entry = _TWO_PASS_EXTRA.get(m.name, (4.0, 0.0))
         extra = per_row * rows + per_entry

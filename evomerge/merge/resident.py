@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, MergeError, did_you_mean
-from evomerge.merge.chunked import Arena
+from evomerge.merge.buffers import Arena
 
 if TYPE_CHECKING:
     import torch

@@ -7,6 +7,10 @@ each taken in streaming passes with an order-free definition: the nonzero count 
 integer), the variance cut (radix.magnitude_cuts: an exact radix selection; entries
 equal at the cut are kept from the highest flat index down, as a stable ascending sort
 would) and the squared norms (gram.py). Per-entry sums over the models run in model order.
+
+The per-entry steps (variance; selected task vectors; the erase-and-average) are entry
+functions run by kernel.Kernels: eagerly in cache-sized pieces, or compiled into one fused
+loop per pass for a large disk merge (the same bits: IEEE operations only, in one order).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.merge import radix
+from evomerge.merge.buffers import Arena
 from evomerge.merge.gram import Gram
-from evomerge.merge.twopass import Blocks, one_chunk, row_blocks, task_vectors
+from evomerge.merge.kernel import Kernels, Spec, threshold
+from evomerge.merge.twopass import one_chunk
 
 if TYPE_CHECKING:
     from evomerge.merge.contract import MergeInputs
@@ -28,60 +34,125 @@ Cut = tuple[float, int]  # keep var > thr, or var == thr at flat index >= first
 
 
 def sce_whole(inputs: MergeInputs) -> torch.Tensor:
-    return one_chunk(inputs, sce_run)
+    return one_chunk(inputs, lambda chunks, write: sce_run(chunks, write, inputs.kernels))
 
 
-def sce_run(chunks: Chunks, write: Write) -> None:
+def sce_run(chunks: Chunks, write: Write, kernels: Kernels | None = None) -> None:
+    from evomerge.merge.gta import EAGER
+
+    kernels = kernels or EAGER
     _, first = next(chunks())
-    if not first.non_base_rows():
+    rows = first.non_base_rows()
+    if not rows:
         for r0, inp in chunks():
-            write(r0, inp.base.clone())
+            write(r0, inp.base.to(torch.float32, copy=True))
         return
     topk = float(first.params["select_topk"])
-    cut = _variance_cut(chunks, topk) if topk < 1 else None
-    gram = Gram("flat", len(first.non_base_rows()), diag=True)
+    # kind "select": entries are selected by the variance cut (select_topk >= 1: none is)
+    spec = Spec("select" if topk < 1 else None, True, True, tuple(rows), first.base_index)
+    arena = Arena(first.models.device)
+    cut = _variance_cut(spec, chunks, topk, kernels, arena) if topk < 1 else (0.0, 0)
+    p = torch.tensor([cut[0], _below(cut[0]), *([0.0] * len(rows))], dtype=torch.float32)
+    gram = Gram("flat", len(rows), diag=True)
     n = 0
     for r0, inp in chunks():
-        for a, blk in row_blocks(inp):
-            tv = _selected(blk, r0 + a, cut)
-            gram.add(tv)
-            n += tv[0].numel()
+        x, a = _flat(inp), r0 * _row_size(inp)
+        tv = arena.get("sce_tv", (len(rows), x.shape[1]), torch.float32)
+        kernels.run_into(_selected_into, spec, list(tv), x, [], p, [cut[1]], a)
+        gram.add([v.view(inp.models.shape[1:]) for v in tv])
+        n += x.shape[1]
     g = gram.result()
     w = [float(g[i, i]) / max(n, 1) for i in range(g.shape[0])]  # mean squared delta
     total = math.fsum(w)
     w = [1.0 / len(w)] * len(w) if abs(total) < 1e-6 else [x / total for x in w]
-    weights = [torch.tensor(x, dtype=torch.float32) for x in w]
-    out = Blocks()
+    p[2:] = torch.tensor(w, dtype=torch.float32)
     for r0, inp in chunks():
-        merged = out.fill(inp, lambda a, blk: _apply(blk, _selected(blk, r0 + a, cut), weights))  # noqa: B023
-        write(r0, merged)
+        x = _flat(inp)
+        out = arena.get("sce_out", (x.shape[1],), torch.float32)
+        kernels.run_into(_apply_into, spec, [out], x, [], p, [cut[1]], r0 * _row_size(inp))
+        write(r0, out.view(inp.models.shape[1:]))
 
 
-def _variance(tv: list[torch.Tensor]) -> torch.Tensor:
-    """Population variance across the models, entry by entry (model order)."""
-    mean = _sum(tv) / len(tv)
-    return _sum([(v - mean).square_() for v in tv]) / len(tv)
+def _flat(inp: MergeInputs) -> torch.Tensor:
+    return inp.models.reshape(inp.models.shape[0], -1)
 
 
-def _sum(vs: list[torch.Tensor]) -> torch.Tensor:
-    out = vs[0].clone()
+def _row_size(inp: MergeInputs) -> int:
+    """Entries per dim-0 row (flat index of a chunk's first entry: r0 * this)."""
+    return math.prod(inp.models.shape[2:])
+
+
+def _below(thr: float) -> float:
+    from evomerge.merge.gta import _below as below
+
+    return below(thr)
+
+
+# ---- entry functions (kernel.py's conventions: x  # (n_in, L), p float32, firsts) ----------
+
+
+def _task_vectors(spec: Spec, x) -> list:
+    base = x[spec.base].to(torch.float32)
+    return [x[r].to(torch.float32) - base for r in spec.rows]
+
+
+def _sum(vs: list):
+    out = vs[0]
     for v in vs[1:]:
-        out += v
+        out = out + v
     return out
 
 
-def _variance_cut(chunks: Chunks, topk: float) -> Cut:
+def _variance(tv: list):
+    """Population variance across the models, entry by entry (model order)."""
+    mean = _sum(tv) / len(tv)
+    dev = [v - mean for v in tv]
+    return _sum([d * d for d in dev]) / len(tv)
+
+
+def _variance_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    outs[0].copy_(_variance(_task_vectors(spec, x)))
+
+
+def _selection(spec: Spec, x, p, firsts, a: int):
+    """(task vectors, each times the 0/1 float mask of selected entries, as mergekit
+    multiplies): p[0] is the cut's variance, p[1] the float32 just below it."""
+    tv = _task_vectors(spec, x)
+    if spec.kind is None:
+        return tv
+    var = _variance(tv)
+    keep = (var > threshold(p[0], p[1], firsts[0], a, var.shape[0], var.device)).to(torch.float32)
+    return [v * keep for v in tv]
+
+
+def _selected_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    for out, v in zip(outs, _selection(spec, x, p, firsts, a), strict=True):
+        out.copy_(v)
+
+
+def _apply_into(spec: Spec, outs, x, stats, p, firsts, a) -> None:
+    """base + the weighted mean of the deltas that agree with the elected sign (weights
+    p[2:])."""
+    tv = _selection(spec, x, p, firsts, a)
+    elected = (_sum(tv) >= 0).to(torch.float32) * 2 - 1
+    erased = [p[2 + j] * (v.sign() == elected).to(torch.float32) for j, v in enumerate(tv)]
+    merged = _sum([v * e for v, e in zip(tv, erased, strict=True)])
+    outs[0].copy_(x[spec.base].to(torch.float32) + merged / _sum(erased).clamp(min=1e-6))
+
+
+def _variance_cut(spec: Spec, chunks: Chunks, topk: float, kernels: Kernels, arena) -> Cut:
     """The cut keeping int(topk * #nonzero variances) entries (none when topk <= 0). The
     nonzero count is taken during the selection's first pass, which fixes the position."""
     nonzero, first_pass = [0], [True]
 
     def streams():
         for _, inp in chunks():
-            for _, blk in row_blocks(inp):
-                var = _variance(task_vectors(blk)).reshape(-1)
-                if first_pass[0]:
-                    nonzero[0] += int(torch.count_nonzero(var))
-                yield (var,)
+            x = _flat(inp)
+            var = arena.get("sce_var", (x.shape[1],), torch.float32)
+            kernels.run_into(_variance_into, spec, [var], x, [], None)
+            if first_pass[0]:
+                nonzero[0] += int(torch.count_nonzero(var))
+            yield (var,)
         first_pass[0] = False
 
     def position(n: int) -> list[tuple[int, int]]:
@@ -89,24 +160,3 @@ def _variance_cut(chunks: Chunks, topk: float) -> Cut:
         return [(0, n - k)]  # k == 0: position n keeps nothing, (inf, n)
 
     return radix.magnitude_cuts(streams, position)[0]
-
-
-def _selected(inp: MergeInputs, r0: int, cut: Cut | None) -> list[torch.Tensor]:
-    """The task vectors, times the 0/1 mask of selected entries (as mergekit multiplies)."""
-    tv = task_vectors(inp)
-    if cut is None:
-        return tv
-    var = _variance(tv)
-    a = r0 * math.prod(var.shape[1:]) if var.dim() else 0
-    index = torch.arange(a, a + var.numel(), device=var.device).view(var.shape)
-    keep = (var > cut[0]) | ((var == cut[0]) & (index >= cut[1]))
-    mask = keep.to(tv[0].dtype)
-    return [v * mask for v in tv]
-
-
-def _apply(inp: MergeInputs, tv: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    """base + the weighted mean of the deltas that agree with the elected sign."""
-    elected = (_sum(tv) >= 0).to(tv[0].dtype) * 2 - 1
-    erased = [w * (v.sign() == elected) for w, v in zip(weights, tv, strict=True)]
-    merged = _sum([v * e for v, e in zip(tv, erased, strict=True)])
-    return inp.base + merged / _sum(erased).clamp(min=1e-6)

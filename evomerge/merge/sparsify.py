@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 RESCALE_EPS = 1e-7  # mergekit: below this L1 norm a masked tensor is returned unscaled
 L1_BITS = 24  # rescale norms count |delta| in units below 2^-24 of its max (exact sums)
-_RANK_BLOCK = 1 << 20  # entries per block of the DELLA rank sort (bounds its temporaries)
+_RANK_BLOCK = 1 << 16  # entries per block of the DELLA rank sort: its int64 keys stay in L2
+# (1 << 20 spilled them: 9.7 against 8.5 ns per entry for rows of 3584, one thread)
 
 
 # ---- magnitude (TIES, breadcrumbs) -------------------------------------------------------------
@@ -134,34 +135,50 @@ def _draw_into(dst, seed: int, tensor_name: str, row: int, a: int) -> None:
         at, skip = at + got.shape[0], 0
 
 
-def della_ranks(mag: torch.Tensor) -> torch.Tensor:
+def della_ranks(
+    mag: torch.Tensor, base: torch.Tensor | None = None, packed: bool = True
+) -> torch.Tensor:
     """Rank of mag = |delta| within its row (mergekit: along dim 1; 1-D tensors are one row) in
     a stable ascending sort, flat in mag's order: (2, n) uint8 planes, or (1, n) int32 for
-    rows longer than 65536.
+    rows longer than 65536 or when not `packed`.
 
-    Rows are sorted a block at a time (bounded temporaries); see _stable_order.
+    base: given, `mag` holds a model's values and |delta| = |float32(mag) - float32(base)|
+    is made a block at a time (a chunk-sized float32 |delta| would leave the cache between
+    its three passes and the sort's). Rows are sorted a block at a time (bounded
+    temporaries); see _stable_order.
     """
     import torch
 
+    if base is not None and mag.dim() > 2:  # rows are not slices: make |delta| whole
+        mag, base = (mag.to(torch.float32) - base.to(torch.float32)).abs_(), None
     work = mag.reshape(1, -1) if mag.dim() < 2 else mag.movedim(1, -1)
     n_cols = work.shape[-1]
     rows = work.reshape(-1, n_cols)  # (R, n_cols), contiguous copy only for >2-D tensors
+    base_rows = None if base is None else base.reshape(rows.shape)
     ranks = torch.empty(rows.shape, dtype=torch.int32, device=mag.device)
     pos = torch.arange(n_cols, dtype=torch.int32, device=mag.device)
     step = max(1, _RANK_BLOCK // n_cols)
     cols = torch.arange(n_cols, dtype=torch.int64, device=mag.device)
+    buf = keys = None
     for r0 in range(0, rows.shape[0], step):
         blk = rows[r0 : r0 + step]
-        ranks[r0 : r0 + step].scatter_(1, _stable_order(blk, cols), pos.expand(blk.shape[0], -1))
+        if buf is None or buf.shape != blk.shape:  # reused: a fresh block costs page faults
+            buf = torch.empty(blk.shape, dtype=torch.float32, device=mag.device)
+            keys = torch.empty(blk.shape, dtype=torch.int64, device=mag.device)
+        if base_rows is not None:
+            blk = buf.copy_(blk).sub_(base_rows[r0 : r0 + step]).abs_()
+        order = _stable_order(blk, cols, keys)
+        ranks[r0 : r0 + step].scatter_(1, order, pos.expand(blk.shape[0], -1))
     if mag.dim() > 2:  # back to mag's layout
         ranks = ranks.view(work.shape).movedim(-1, 1).contiguous()
-    if n_cols > 1 << 16:
+    if n_cols > 1 << 16 or not packed:
         return ranks.reshape(1, -1)
     return to_planes(ranks)
 
 
-def _stable_order(blk: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Per row, the column order of a stable ascending sort of blk (float32 >= 0), int64.
+def _stable_order(blk: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order of a stable ascending sort of blk (float32 >= 0), int64, in
+    `keys` (int64, blk's shape; the CPU's work space).
 
     On the CPU: keys (bit pattern << 32 | column) are distinct and order like a stable sort,
     so an unstable sort of the keys is enough, and numpy sorts 64-bit integers with SIMD
@@ -172,7 +189,7 @@ def _stable_order(blk: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
     if blk.device.type != "cpu":
         return torch.argsort(blk.view(torch.int32), dim=1, stable=True)
-    keys = (blk.view(torch.int32).to(torch.int64) << 32) | cols
+    keys.copy_(blk.view(torch.int32)).bitwise_left_shift_(32).bitwise_or_(cols)
     keys.numpy().sort(axis=1)  # in place, shared memory
     return keys.bitwise_and_(0xFFFFFFFF)
 

@@ -130,7 +130,7 @@ _TABLE: tuple[Method, ...] = (
         (Param("select_topk", "float", "global", 1.0, "fraction of highest-variance entries kept",
                low=0.0, high=1.0, search_low=0.1, search_high=1.0), INT8),
         "select by variance, weight by energy, erase minority signs",
-        "https://arxiv.org/abs/2408.07990", needs_base=True, task_vectors=True,
+        "https://arxiv.org/abs/2408.07990", needs_base=True, task_vectors=True, fused=True,
     ),
     Method(
         "nearswap", f"{_FN}:nearswap",

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from evomerge.common.killpoint import kill_point
 from evomerge.errors import ConfigError, MergeError
-from evomerge.merge.io import INDEX, MARKER, TOKENIZER_FILES, _st_code
+from evomerge.merge.io import INDEX, MARKER, TOKENIZER_FILES
+from evomerge.merge.stfile import st_code
 
 if TYPE_CHECKING:
     import torch
@@ -234,7 +235,7 @@ class CheckpointWriter:
     def _header(self, items: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
         head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offsets, pos = {}, 0
-        code = _st_code(self.dtype)
+        code = st_code(self.dtype)
         for name, shape in items:
             nb = self._nbytes(shape)
             head[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + nb]}
