@@ -201,6 +201,17 @@ def test_sce_weights_by_energy():
     assert torch.allclose(out, torch.tensor([(1 + 3 * 6.5) / 7.5, -2.0]))
 
 
+def test_sce_selection_keeps_ties_at_the_cut_from_the_highest_index():
+    """select_topk 0.5 of 6 nonzero variances keeps 3: in a stable ascending sort of the
+    variances (0.25, 1, 1, 1, 1, 4 at indices 5, 0, 1, 2, 3, 4) the last three, so of the four
+    tied at the cut the two highest indices. The models disagree everywhere: the elected sign
+    is + (the sum is 0), and model 0 alone remains where an entry is kept."""
+    a = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 0.5])
+    out = merge_tensor(stage("sce", 2, {"select_topk": 0.5}), "w", torch.stack([a, -a]),
+                       torch.zeros(6), 0.0)  # fmt: skip
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 0.0]))
+
+
 @pytest.mark.parametrize("name", ["dare_linear", "della_linear"])
 def test_random_methods_keep_fraction_and_seed(name):
     base = torch.zeros(300, 300)

@@ -25,7 +25,7 @@ from evomerge.common.device import torch_threads
 from evomerge.merge import radix
 from evomerge.merge import sparsify as sp
 from evomerge.merge.buffers import Arena
-from evomerge.merge.gta import EAGER, Setup, keep_numbers, setup
+from evomerge.merge.gta import EAGER, Setup, below, keep_numbers, setup
 from evomerge.merge.memory import TWO_PASS
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def _keep_all_rows(
             if pos >= n:
                 return [math.inf, math.inf], n
             thr, first = found[j, pos]
-            return [thr, _below(thr)], first
+            return [thr, below(thr)], first
 
         return cut
 
@@ -209,12 +209,6 @@ def _keep_all_rows(
         keep += k
         firsts += f
     return keep, firsts
-
-
-def _below(thr: float) -> float:
-    from evomerge.merge.gta import _below as below
-
-    return below(thr)
 
 
 def _stats(kind, inp: MergeInputs, idx, bi, x, a: int, n: int, arena: Arena) -> list:

@@ -46,8 +46,8 @@ def _f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-def _below(thr: float) -> float:
-    """The largest float32 below thr: |x| > _below(thr) <=> |x| >= thr for float32 x."""
+def below(thr: float) -> float:
+    """The largest float32 below thr: |x| > below(thr) <=> |x| >= thr for float32 x."""
     t = torch.tensor(thr, dtype=torch.float32)
     return float(torch.nextafter(t, torch.tensor(-float("inf"))))
 
@@ -101,7 +101,7 @@ class _Row:
             first = int(self.stat("order", lambda: sp.magnitude_order(self.mag()))[pos])
             col = self.x[:, first].to(torch.float32)  # |delta| at `first`, from the rows
             thr = float((col[self.row] - col[self.inputs.base_index]).abs())
-        return [thr, _below(thr)], first
+        return [thr, below(thr)], first
 
 
 def _keep_args(r: _Row, kind: str, d: float, extra) -> tuple[list[float], list, list]:

@@ -23,6 +23,7 @@ import torch
 from evomerge.merge import radix
 from evomerge.merge.buffers import Arena
 from evomerge.merge.gram import Gram
+from evomerge.merge.gta import EAGER, below
 from evomerge.merge.kernel import Kernels, Spec, threshold
 from evomerge.merge.twopass import one_chunk
 
@@ -38,8 +39,6 @@ def sce_whole(inputs: MergeInputs) -> torch.Tensor:
 
 
 def sce_run(chunks: Chunks, write: Write, kernels: Kernels | None = None) -> None:
-    from evomerge.merge.gta import EAGER
-
     kernels = kernels or EAGER
     _, first = next(chunks())
     rows = first.non_base_rows()
@@ -52,7 +51,7 @@ def sce_run(chunks: Chunks, write: Write, kernels: Kernels | None = None) -> Non
     spec = Spec("select" if topk < 1 else None, True, True, tuple(rows), first.base_index)
     arena = Arena(first.models.device)
     cut = _variance_cut(spec, chunks, topk, kernels, arena) if topk < 1 else (0.0, 0)
-    p = torch.tensor([cut[0], _below(cut[0]), *([0.0] * len(rows))], dtype=torch.float32)
+    p = torch.tensor([cut[0], below(cut[0]), *([0.0] * len(rows))], dtype=torch.float32)
     gram = Gram("flat", len(rows), diag=True)
     n = 0
     for r0, inp in chunks():
@@ -80,12 +79,6 @@ def _flat(inp: MergeInputs) -> torch.Tensor:
 def _row_size(inp: MergeInputs) -> int:
     """Entries per dim-0 row (flat index of a chunk's first entry: r0 * this)."""
     return math.prod(inp.models.shape[2:])
-
-
-def _below(thr: float) -> float:
-    from evomerge.merge.gta import _below as below
-
-    return below(thr)
 
 
 # ---- entry functions (kernel.py's conventions: x  # (n_in, L), p float32, firsts) ----------

@@ -159,14 +159,15 @@ def della_ranks(
     pos = torch.arange(n_cols, dtype=torch.int32, device=mag.device)
     step = max(1, _RANK_BLOCK // n_cols)
     cols = torch.arange(n_cols, dtype=torch.int64, device=mag.device)
-    buf = keys = None
+    mags = keys = None
     for r0 in range(0, rows.shape[0], step):
         blk = rows[r0 : r0 + step]
-        if buf is None or buf.shape != blk.shape:  # reused: a fresh block costs page faults
-            buf = torch.empty(blk.shape, dtype=torch.float32, device=mag.device)
+        if keys is None or keys.shape != blk.shape:  # reused: a fresh block costs page faults
             keys = torch.empty(blk.shape, dtype=torch.int64, device=mag.device)
-        if base_rows is not None:
-            blk = buf.copy_(blk).sub_(base_rows[r0 : r0 + step]).abs_()
+            if base_rows is not None:
+                mags = torch.empty(blk.shape, dtype=torch.float32, device=mag.device)
+        if mags is not None:
+            blk = mags.copy_(blk).sub_(base_rows[r0 : r0 + step]).abs_()
         order = _stable_order(blk, cols, keys)
         ranks[r0 : r0 + step].scatter_(1, order, pos.expand(blk.shape[0], -1))
     if mag.dim() > 2:  # back to mag's layout
