@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _search_fakes import fake_space, kill_while_running, spawn_with_fakes
+from _search_fakes import fake_space, kill_while_running, poll_trials, spawn_with_fakes
 
 optuna = pytest.importorskip("optuna")
 TESTS = Path(__file__).resolve().parent
@@ -41,12 +41,7 @@ def _spawn(tmp_path: Path, n: int, sleep: float) -> subprocess.Popen:
 
 def _trials(tmp_path: Path) -> list:
     db = tmp_path / "r" / "space" / "study.db"
-    if not db.exists():
-        return []
-    try:
-        return optuna.load_study(study_name="space", storage=f"sqlite:///{db}").get_trials()
-    except KeyError:
-        return []
+    return poll_trials("space", f"sqlite:///{db}") if db.exists() else []
 
 
 def test_journal_storage_has_no_heartbeat():
