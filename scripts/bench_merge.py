@@ -110,10 +110,10 @@ def recipe(method: str, base: Path, v1: Path, v2: Path) -> dict:
     return doc
 
 
-def timed_child(cmd: list[str]) -> tuple[float, float]:
+def timed_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MB) of one child process, via wait4's per-child rusage."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
