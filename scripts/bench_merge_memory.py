@@ -2,7 +2,8 @@
 
 Builds header-only sparse checkpoints (a safetensors header listing every tensor of a
 Qwen2-7B / Qwen2-14B-shaped bf16 model, then truncate to full size: reads return zeros,
-no disk used), merges each method family in a subprocess, polls /proc/PID/status for
+no disk used; in 5 GB shards with an index, as hub releases come, unless --shard-gb 0),
+merges each method family in a subprocess, polls /proc/PID/status for
 RssAnon and VmHWM every 0.2 s, and writes results/bench/merge_memory.{json,md}.
 
 The bound each merge is compared with is measured in the same run:
@@ -84,7 +85,7 @@ def tensors(size: str) -> dict[str, list[int]]:
     return out
 
 
-def write_sparse(folder: Path, size: str) -> None:
+def write_sparse(folder: Path, size: str, shard_bytes: int | None = None) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import write_sparse_checkpoint  # the test suite's header-only writer
 
@@ -94,7 +95,7 @@ def write_sparse(folder: Path, size: str) -> None:
            "num_key_value_heads": kv, "vocab_size": vocab, "torch_dtype": "bfloat16",
            "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
            "max_position_embeddings": 4096}  # fmt: skip
-    write_sparse_checkpoint(folder, tensors(size), cfg)
+    write_sparse_checkpoint(folder, tensors(size), cfg, shard_bytes)
 
 
 def watch(cmd: list[str], limit: float, env: dict | None = None) -> dict:
@@ -257,6 +258,8 @@ def main() -> int:
     ap.add_argument("--mergekit-limit", type=float, default=0.0, help="seconds; 0 skips it")
     ap.add_argument("--limit", type=float, default=3600.0)
     ap.add_argument("--out", default="results/bench/merge_memory")
+    ap.add_argument("--shard-gb", type=float, default=5.0,
+                    help="input shard size, as on the hub (0: one file)")  # fmt: skip
     args = ap.parse_args()
     results = []
     work = Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
@@ -270,7 +273,7 @@ def main() -> int:
         for size in args.sizes:
             models = [work / f"{size}-{i}" for i in range(3)]
             for m in models:
-                write_sparse(m, size)
+                write_sparse(m, size, int(args.shard_gb * 1e9) or None)
             for method in args.methods:
                 merged = models[1:2] if method == "slerp" else models[1:]  # slerp: base + 1
                 rows = "".join(f"- model: {m}\n  parameters: {{{PARAMS[method]}}}\n"

@@ -200,23 +200,49 @@ def _compiler_missing_on_ci() -> None:
     )
 
 
-def write_sparse_checkpoint(folder: Path, shapes: dict[str, list[int]], cfg: dict) -> None:
-    """config.json + a bf16 safetensors file whose header lists every tensor, truncated to its
-    full size: a sparse file that header readers see at full scale and reads return zeros from
-    (planning and streaming tests at 7B-14B scale with no weights on disk)."""
+def write_sparse_checkpoint(
+    folder: Path, shapes: dict[str, list[int]], cfg: dict, shard_bytes: int | None = None
+) -> None:
+    """config.json + bf16 safetensors files whose headers list every tensor, truncated to their
+    full size: sparse files that header readers see at full scale and reads return zeros from
+    (planning and streaming tests at 7B-14B scale with no weights on disk).
+
+    shard_bytes: None, one model.safetensors; else shards of at most that many tensor bytes (a
+    larger tensor alone) named and indexed as save_pretrained names them (hub releases of
+    7B-14B models are sharded at 5 GB; one 29.5 GB file is more than some readers can mmap)."""
     import math
     import struct
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg))
-    header, offset = {}, 0
+    shards: list[dict[str, list[int]]] = [{}]
+    size = 0
     for name, shape in shapes.items():
         n = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path = folder / "model.safetensors"
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.truncate(8 + len(blob) + offset)
+        if shard_bytes is not None and shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = shape
+        size += n
+    names = (
+        ["model.safetensors"]
+        if shard_bytes is None
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, shard in zip(names, shards, strict=True):
+        header, offset = {}, 0
+        for name, shape in shard.items():
+            n = math.prod(shape) * 2
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(folder / file, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.truncate(8 + len(blob) + offset)
+    if shard_bytes is not None:
+        total = sum(math.prod(shape) * 2 for shape in shapes.values())
+        pairs = zip(names, shards, strict=True)
+        weight_map = {name: file for file, shard in pairs for name in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

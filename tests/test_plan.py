@@ -42,7 +42,9 @@ def llama_shapes(hidden: int, layers: int, vocab: int, inter: int) -> dict[str, 
     return shapes
 
 
-def write_models(tmp: Path, hidden=4096, layers=32, vocab=32000, inter=11008) -> list[Path]:
+def write_models(
+    tmp: Path, hidden=4096, layers=32, vocab=32000, inter=11008, shard_bytes: int | None = None
+) -> list[Path]:
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 2,
@@ -52,12 +54,12 @@ def write_models(tmp: Path, hidden=4096, layers=32, vocab=32000, inter=11008) ->
     shapes = llama_shapes(hidden, layers, vocab, inter)
     out = [tmp / name for name in ("base", "expert_a", "expert_b")]
     for folder in out:
-        write_sparse_checkpoint(folder, shapes, cfg)
+        write_sparse_checkpoint(folder, shapes, cfg, shard_bytes)
     return out
 
 
-def _space(tmp: Path, method: str, extra: str = "") -> Path:
-    base, a, b = write_models(tmp)
+def _space(tmp: Path, method: str, extra: str = "", shard_bytes: int | None = None) -> Path:
+    base, a, b = write_models(tmp, shard_bytes=shard_bytes)
     p = tmp / f"{method}.yaml"
     p.write_text(
         f"name: big\nbase_model: {base}\nmodels: [{a}, {b}]\nmethod: {method}\n"
@@ -106,6 +108,22 @@ def test_plan_7b_vllm_cuda_without_weights(tmp_path) -> None:
     assert planned < 1.0
     rss_kib = int(out.rsplit("maxrss", 1)[1])
     assert rss_kib * 1024 < P * 2 / 10  # far below one model's 13.5 GB: no weight was read
+
+
+def test_plan_of_sharded_checkpoints_counts_every_shard(tmp_path, capsys) -> None:
+    """Hub releases of 7B models come in 5 GB shards with an index: the plan reads the tensors
+    of every shard and gives the same figures as for one file."""
+    outs = []
+    for shard_bytes in (None, 5 * 10**9):
+        space = _space(tmp_path / str(shard_bytes), "linear", shard_bytes=shard_bytes)
+        args = ["plan", str(space), "--device", "cuda", "--gpu-memory", "80GiB", "--no-tasks"]
+        assert main([*args, "--backend", "vllm"]) == 0
+        outs.append(capsys.readouterr().out.replace(str(tmp_path / str(shard_bytes)), "<tmp>"))
+    shards = sorted(p.name for p in (tmp_path / str(5 * 10**9) / "base").glob("*.safetensors"))
+    assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert f"LlamaForCausalLM, {P:,d} parameters, bfloat16" in outs[1]
+    assert f"{3 * P * 2:,d} B" in outs[1]  # resident inputs: every shard's tensors
+    assert outs[0] == outs[1]
 
 
 def test_plan_that_cannot_fit_exits_2_with_numbers(tmp_path) -> None:
