@@ -284,19 +284,25 @@ def _optimize_one(st: Any, scorer: TrialScorer, run: Settings) -> bool:
 
     try:
         st.optimize(scorer, n_trials=1, catch=(CandidateError, OverBudget), gc_after_trial=False)
-    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-        # Optuna raises the first when the other worker wins the race inside the tell, the
-        # second ("Cannot tell a FAIL trial") when it had already won; anything else re-raises
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # the storage refused this worker's tell: the trial was already finished there, and
+        # only another worker finishes a trial this one runs. No re-read of its state: one
+        # in CI did not show it finished (a cached copy), and that re-raise ended the worker
+        pass
+    except ValueError:
+        # "Cannot tell a FAIL trial": the other worker had won before the tell; any other
+        # ValueError re-raises
         if scorer.number is None or not _finished_elsewhere(st, scorer.number):
             raise
-        print(
-            f"warning: trial {scorer.number} of study '{st.study_name}' was declared dead by "
-            f"another worker (no heartbeat for its grace period; heartbeat every "
-            f"{run.heartbeat} s) and re-queued; this worker's result for it is dropped",
-            file=sys.stderr,
-        )
-        return False
-    return True
+    else:
+        return True
+    print(
+        f"warning: trial {scorer.number} of study '{st.study_name}' was declared dead by "
+        f"another worker (no heartbeat for its grace period; heartbeat every "
+        f"{run.heartbeat} s) and re-queued; this worker's result for it is dropped",
+        file=sys.stderr,
+    )
+    return False
 
 
 def _finished_elsewhere(st: Any, number: int) -> bool:
